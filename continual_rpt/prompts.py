@@ -1,0 +1,167 @@
+"""Residual prompt tuning: the soft prompt P, its reparameterization Φ, and collapse.
+
+Φ(P_i) = φ(P_i) + P_i with φ = Linear(d→m) → act → dropout → Linear(m→d) → LayerNorm(d),
+applied to every prompt token (Razdaibiedina et al., 2023). After training, `collapse()`
+returns P′ = Φ(P): inference then costs exactly what vanilla prompt tuning costs.
+
+Methods by name: `rpt` (residual Φ), `pt` (Lester et al., P alone), `pt-mlp` (Φ without skip),
+and `head`, the control with no prompt at all (only an encoder backbone's task head trains).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+METHODS = ("rpt", "pt", "pt-mlp", "head")
+INITS = ("vocab", "uniform", "text")
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+@dataclass
+class PromptConfig:
+    """How the soft prompt is built, initialised and reparameterized."""
+
+    method: str = field(default="rpt", metadata={"help": "rpt (residual Φ), pt (no Φ), pt-mlp (Φ without the skip) or head (no prompt: the head-only control)"})
+    n_tokens: int = field(default=10, metadata={"help": "number of virtual tokens n"})
+    init: str = field(default="vocab", metadata={"help": "vocab (sampled vocabulary embeddings), uniform in [-0.5, 0.5], or text"})
+    init_text: str = field(default="", metadata={"help": "text whose token embeddings initialise P (init=text), repeated to n tokens"})
+    bottleneck: int = field(default=400, metadata={"help": "width m of φ's hidden layer"})
+    activation: str = field(default="relu", metadata={"help": "φ's non-linearity: relu, tanh or gelu"})
+    layer_norm: bool = field(default=True, metadata={"help": "LayerNorm at the end of φ"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout inside φ (training only)"})
+    per_token: bool = field(default=False, metadata={"help": "one φ per prompt token instead of one shared φ"})
+    blocks: int = field(default=1, metadata={"help": "number of stacked reparameterization blocks"})
+    match_embedding_scale: bool = field(
+        default=False,
+        metadata={"help": "initialise φ's LayerNorm gain so that φ(P_i) starts at the norm of the backbone's word embeddings"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.init not in INITS:
+            raise ValueError(f"init: {self.init!r} is not one of {', '.join(INITS)}")
+        if self.init == "text" and not self.init_text.strip():
+            raise ValueError("init_text: must be a non-empty text when init is 'text'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        for name in ("n_tokens", "bottleneck", "blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.match_embedding_scale and not self.layer_norm:
+            raise ValueError("match_embedding_scale: needs layer_norm, whose gain sets φ's output scale")
+
+    @property
+    def uses_prompt(self) -> bool:
+        """Whether there is a prompt at all (every method but the head-only control)."""
+        return self.method != "head"
+
+    @property
+    def reparameterized(self) -> bool:
+        """Whether P goes through Φ (rpt, pt-mlp) or is used as it is (pt)."""
+        return self.method in ("rpt", "pt-mlp")
+
+
+class Reparameterization(nn.Module):
+    """One block of φ, batched over `n_nets` independent networks (1 = shared by all tokens)."""
+
+    def __init__(self, n_nets: int, d: int, cfg: PromptConfig, gain: float = 1.0) -> None:
+        super().__init__()
+        m = cfg.bottleneck
+        self.skip = cfg.method == "rpt"
+        self.activation = ACTIVATIONS[cfg.activation]
+        self.dropout = nn.Dropout(cfg.dropout)
+        # nn.Linear's default init, one copy per network, so shared and per-token start alike.
+        self.w1 = nn.Parameter(_linear_init(n_nets, d, m))
+        self.b1 = nn.Parameter(_linear_init(n_nets, d, m, bias=True))
+        self.w2 = nn.Parameter(_linear_init(n_nets, m, d))
+        self.b2 = nn.Parameter(_linear_init(n_nets, m, d, bias=True))
+        self.ln_weight = nn.Parameter(torch.full((n_nets, d), gain)) if cfg.layer_norm else None
+        self.ln_bias = nn.Parameter(torch.zeros(n_nets, d)) if cfg.layer_norm else None
+
+    def forward(self, prompt: Tensor) -> Tensor:
+        """prompt: [n, d] -> [n, d]; with one shared network the weights broadcast over tokens."""
+        x = prompt.unsqueeze(1)  # [n, 1, d]
+        h = self.dropout(self.activation(x @ self.w1 + self.b1.unsqueeze(1)))  # [n, 1, m]
+        y = (h @ self.w2 + self.b2.unsqueeze(1)).squeeze(1)  # [n, d]
+        if self.ln_weight is not None:
+            y = F.layer_norm(y, y.shape[-1:]) * self.ln_weight + self.ln_bias
+        return y + prompt if self.skip else y
+
+
+def _linear_init(n_nets: int, fan_in: int, fan_out: int, bias: bool = False) -> Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    shape = (n_nets, fan_out) if bias else (n_nets, fan_in, fan_out)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+class ResidualPrompt(nn.Module):
+    """Trainable soft prompt P (n × d) with the optional reparameterization Φ."""
+
+    def __init__(self, cfg: PromptConfig, init: Tensor, embedding_norm: float | None = None) -> None:
+        super().__init__()
+        if init.shape[0] != cfg.n_tokens or init.dim() != 2:
+            raise ValueError(f"initial prompt has shape {tuple(init.shape)}, expected ({cfg.n_tokens}, d)")
+        self.cfg = cfg
+        d = init.shape[1]
+        self.prompt = nn.Parameter(init.detach().clone().float())
+        gain = 1.0
+        if cfg.match_embedding_scale:
+            if embedding_norm is None:
+                raise ValueError("match_embedding_scale needs the backbone's mean word-embedding norm")
+            gain = embedding_norm / math.sqrt(d)  # LayerNorm output has norm ≈ √d · gain
+        n_nets = cfg.n_tokens if cfg.per_token else 1
+        blocks = [Reparameterization(n_nets, d, cfg, gain) for _ in range(cfg.blocks)] if cfg.reparameterized else []
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self) -> Tensor:
+        """Φ(P): [n, d] in fp32."""
+        x = self.prompt
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    @torch.no_grad()
+    def collapse(self) -> Tensor:
+        """P′ = Φ(P) in eval mode (no dropout), detached: all that inference needs."""
+        was_training = self.training
+        self.eval()
+        collapsed = self().detach().clone()
+        self.train(was_training)
+        return collapsed
+
+    def trainable_parameters(self) -> int:
+        """Parameters that train: P plus every block of φ."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def stored_parameters(self) -> int:
+        """Parameters kept after collapse: P′ alone, n·d."""
+        return self.prompt.numel()
+
+
+def initial_prompt(
+    cfg: PromptConfig, embeddings: Tensor, vocab_ids: Tensor, text_ids: list[int], generator: torch.Generator
+) -> Tensor:
+    """Starting values of P, [n, d]: sampled vocabulary rows, uniform noise, or a text's embeddings.
+
+    `vocab_ids` are the ids that `vocab` may sample (ordinary tokens, no special or unused ones);
+    `text_ids` are the token ids of `cfg.init_text` (ignored unless init is `text`).
+    """
+    n, d = cfg.n_tokens, embeddings.shape[1]
+    if cfg.init == "vocab":
+        picks = vocab_ids[torch.randint(len(vocab_ids), (n,), generator=generator)]
+        return embeddings[picks].detach().float().clone()
+    if cfg.init == "uniform":
+        # Shape (n, d): the original code's uniform init wrongly built (n, vocab).
+        return torch.rand(n, d, generator=generator) - 0.5
+    if not text_ids:
+        raise ValueError(f"init_text: {cfg.init_text!r} has no tokens in this backbone's vocabulary")
+    repeated = (text_ids * math.ceil(n / len(text_ids)))[:n]
+    return embeddings[torch.tensor(repeated)].detach().float().clone()

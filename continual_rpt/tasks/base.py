@@ -1,0 +1,75 @@
+"""Core task types: examples, tasks, and the data error raised by every loader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from statistics import mean
+
+
+class DataError(ValueError):
+    """Raised when task data is missing or malformed; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One model input with both an encoder (pairs) and a seq2seq (source/candidates) view."""
+
+    uid: str
+    pairs: tuple[tuple[str, str | None], ...]
+    source: str
+    candidates: tuple[str, ...]
+    label: int
+    group: str = ""
+    answers: tuple[str, ...] = ()
+
+
+Parser = Callable[[dict, str], list[Example]]
+Scorer = Callable[[Sequence[Example], Sequence[int]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A SuperGLUE task: how to parse its rows and how to score predictions."""
+
+    name: str
+    kind: str
+    label_names: tuple[str, ...]
+    metric_names: tuple[str, ...]
+    hub_config: str
+    # The per-task functions are plain fields so that each task is one declarative entry.
+    official_parser: Parser = field(repr=False, compare=False)
+    hub_parser: Parser = field(repr=False, compare=False)
+    scorer: Scorer = field(repr=False, compare=False)
+
+    def parse(self, row: dict, where: str) -> list[Example]:
+        """Convert one official-jsonl row (read at `where` = "path:line") into examples."""
+        _require_object(row, where)
+        return self.official_parser(row, where)
+
+    def parse_hub(self, row: dict, where: str) -> list[Example]:
+        """Convert one row of the Hugging Face `aps/super_glue` dataset into examples."""
+        _require_object(row, where)
+        return self.hub_parser(row, where)
+
+    def score(self, examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
+        """Every metric of the task in percent, plus "score", their mean (the official task score)."""
+        if len(examples) != len(predictions):
+            raise ValueError(f"{self.name}: {len(examples)} examples but {len(predictions)} predictions")
+        if not examples:
+            raise ValueError(f"{self.name}: nothing to score")
+        for example, prediction in zip(examples, predictions):
+            if example.label < 0:
+                raise ValueError(f"{self.name}: cannot score unlabeled example {example.uid}")
+            n_options = len(self.label_names) if self.kind == "classification" else len(example.candidates)
+            if not 0 <= prediction < n_options:
+                raise ValueError(f"{self.name}: prediction {prediction} out of range for {example.uid}")
+        fractions = self.scorer(examples, predictions)
+        scores = {name: 100.0 * fractions[name] for name in self.metric_names}
+        scores["score"] = mean(scores.values())
+        return scores
+
+
+def _require_object(row: object, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")

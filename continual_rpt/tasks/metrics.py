@@ -1,0 +1,86 @@
+"""SuperGLUE metrics as pure functions over plain lists; every metric returns a fraction in [0, 1]."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def _check(predictions: Sequence, golds: Sequence) -> None:
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions but {len(golds)} golds")
+    if not golds:
+        raise ValueError("cannot compute a metric over zero examples")
+
+
+def accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
+    """Fraction of predictions equal to the gold label."""
+    _check(predictions, golds)
+    return sum(p == g for p, g in zip(predictions, golds)) / len(golds)
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    # 2tp / (2tp + fp + fn) is the harmonic mean of precision and recall, and 0 when undefined.
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def binary_f1(predictions: Sequence[int], golds: Sequence[int], positive: int = 1) -> float:
+    """F1 of the positive class (MultiRC's F1a over all answer options)."""
+    _check(predictions, golds)
+    tp = sum(p == positive and g == positive for p, g in zip(predictions, golds))
+    fp = sum(p == positive and g != positive for p, g in zip(predictions, golds))
+    fn = sum(p != positive and g == positive for p, g in zip(predictions, golds))
+    return _f1(tp, fp, fn)
+
+
+def macro_f1(predictions: Sequence[int], golds: Sequence[int], num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over classes 0..num_classes-1 (an undefined F1 counts as 0)."""
+    _check(predictions, golds)
+    return sum(binary_f1(predictions, golds, positive=c) for c in range(num_classes)) / num_classes
+
+
+def multirc_em(predictions: Sequence[int], golds: Sequence[int], groups: Sequence[str]) -> float:
+    """Fraction of groups (questions) whose every answer option is predicted correctly."""
+    _check(predictions, golds)
+    if len(groups) != len(golds):
+        raise ValueError(f"{len(groups)} groups but {len(golds)} golds")
+    all_correct: dict[str, bool] = defaultdict(lambda: True)
+    for p, g, group in zip(predictions, golds, groups):
+        all_correct[group] = all_correct[group] and p == g
+    return sum(all_correct.values()) / len(all_correct)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Bag-of-tokens F1 between two normalised answers."""
+    predicted_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    common = sum((Counter(predicted_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(predicted_tokens)
+    recall = common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalised answers are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def max_over_golds(metric: Callable[[str, str], float], prediction: str, golds: Sequence[str]) -> float:
+    """The best value of `metric` against any of the gold answers (ReCoRD allows several)."""
+    if not golds:
+        raise ValueError("no gold answers to compare with")
+    return max(metric(prediction, gold) for gold in golds)
