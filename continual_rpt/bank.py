@@ -1,27 +1,45 @@
-"""Bank entries: a collapsed prompt P′ (and head) in safetensors, with JSON metadata.
+"""The prompt bank: one inference-only entry per task, keyed by task name.
 
-An entry is a folder: `prompt.safetensors` (key `prompt`, [n, d]), `head.safetensors` where the
-backbone has a head, `entry.json` (what the entry is: task, labels, backbone fingerprint, width,
+An entry is a folder: `prompt.safetensors` (key `prompt`, [n, d] fp32), `head.safetensors` where the
+backbone has a head, `entry.json` (what the entry is: task, labels, backbone fingerprint and width,
 data checksums, version), `config.json` (the resolved configuration that trained it) and
 `metrics.json` (its scores, sizes and timings). Nothing else is read, so loading never runs code.
-Writes go to a temporary folder that is renamed into place once complete.
+
+A bank is a folder of entries plus `bank.json`, the index: entry names in the order they were
+added, with the sha256 of every file. An entry is written to a temporary folder, fsynced and
+renamed into place, and only then listed in the index (itself replaced atomically), so a reader
+never sees a half-written entry. A lock file keeps two writers apart.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
+
+from continual_rpt.evaluation import predict
+from continual_rpt.tasks import Example, Task, custom_config_from_dict, custom_task, get_task, read_custom_examples, read_jsonl
 
 PROMPT_FILE, HEAD_FILE = "prompt.safetensors", "head.safetensors"
 META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.json"
+INDEX_FILE, LOCK_FILE = "bank.json", ".lock"
+BANK_FORMAT = "continual-rpt-bank/1"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+
+
+class BankError(ValueError):
+    """A bank or entry that cannot be used as it is; the message names the file or field."""
 
 
 @dataclass
@@ -35,6 +53,13 @@ class Entry:
     metrics: dict
 
 
+def check_name(name: str) -> str:
+    """A task name usable as a folder name: letters, digits and `_.+-`, no path separators or `..`."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise BankError(f"task name {name!r}: use letters, digits and _ . + - only (no path separators, no '..')")
+    return name
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write sorted, indented JSON and fsync it."""
     with open(path, "w") as f:
@@ -44,16 +69,36 @@ def write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
-def save_entry(folder: str | Path, entry: Entry) -> Path:
-    """Write `entry` to `folder` atomically: complete, or not there at all."""
+def replace_json(path: Path, data: dict) -> None:
+    """Atomically replace `path` with `data` as JSON (write a sibling, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_json(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_entry(folder: str | Path, entry: Entry) -> dict[str, str]:
+    """Write `entry` to `folder` atomically (complete, or not there at all); return its files' sha256."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if entry.prompt is not None and not torch.isfinite(entry.prompt).all():
+        raise BankError(f"{folder.name}: refusing to store a prompt with non-finite values")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         if entry.prompt is not None:
-            if not torch.isfinite(entry.prompt).all():
-                raise ValueError("refusing to store a prompt with non-finite values")
-            save_file({"prompt": entry.prompt.detach().cpu().contiguous()}, tmp / PROMPT_FILE)
+            save_file({"prompt": entry.prompt.detach().float().cpu().contiguous()}, tmp / PROMPT_FILE)
         if entry.head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in entry.head.items()}, tmp / HEAD_FILE)
         write_json(tmp / META_FILE, entry.meta)
@@ -62,22 +107,165 @@ def save_entry(folder: str | Path, entry: Entry) -> Path:
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        checksums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
+        _fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+    return checksums
 
 
-def load_entry(folder: str | Path) -> Entry:
-    """Read an entry folder (safetensors and JSON only)."""
+def load_entry(folder: str | Path, checksums: dict[str, str] | None = None) -> Entry:
+    """Read an entry folder (safetensors and JSON only), verifying file checksums when given."""
     folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not found; {folder} is not a bank entry")
-    meta, config, metrics = (json.loads((folder / name).read_text()) for name in (META_FILE, CONFIG_FILE, METRICS_FILE))
-    prompt = load_file(folder / PROMPT_FILE)["prompt"] if (folder / PROMPT_FILE).is_file() else None
-    head = load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else None
-    return Entry(prompt=prompt, head=head, meta=meta, config=config, metrics=metrics)
+    if not (folder / META_FILE).is_file():
+        raise BankError(f"{folder / META_FILE}: not found; {folder} is not a bank entry")
+    for name, digest in (checksums or {}).items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise BankError(f"{path}: missing or changed since it was stored (checksum mismatch)")
+    docs = {}
+    for name in (META_FILE, CONFIG_FILE, METRICS_FILE):
+        try:
+            docs[name] = json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BankError(f"{folder / name}: unreadable JSON ({err})") from err
+    tensors = {}
+    for name in (PROMPT_FILE, HEAD_FILE):
+        if (folder / name).is_file():
+            try:
+                tensors[name] = load_file(folder / name)
+            except Exception as err:  # safetensors raises its own error types for truncated files
+                raise BankError(f"{folder / name}: not a valid safetensors file ({err})") from err
+    prompt = tensors[PROMPT_FILE].get("prompt") if PROMPT_FILE in tensors else None
+    if PROMPT_FILE in tensors and prompt is None:
+        raise BankError(f"{folder / PROMPT_FILE}: has no tensor named 'prompt'")
+    return Entry(prompt, tensors.get(HEAD_FILE), docs[META_FILE], docs[CONFIG_FILE], docs[METRICS_FILE])
+
+
+class PromptBank:
+    """A folder of collapsed prompts keyed by task; old entries are never changed by new ones."""
+
+    def __init__(self, path: Path, index: dict) -> None:
+        self.path = path
+        self._index = index
+
+    @classmethod
+    def open(cls, path: str | Path, create: bool = False) -> PromptBank:
+        """Open the bank at `path`; with create=True an empty one is made where none exists."""
+        path = Path(path)
+        index_path = path / INDEX_FILE
+        if not index_path.is_file():
+            if not create:
+                raise BankError(f"{index_path}: not found; {path} is not a prompt bank")
+            path.mkdir(parents=True, exist_ok=True)
+            with cls._locked(path):
+                if not index_path.is_file():
+                    replace_json(index_path, {"format": BANK_FORMAT, "entries": []})
+        return cls(path, cls._read_index(index_path))
+
+    @staticmethod
+    def _read_index(index_path: Path) -> dict:
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BankError(f"{index_path}: unreadable bank index ({err})") from err
+        if not isinstance(index, dict) or index.get("format") != BANK_FORMAT or not isinstance(index.get("entries"), list):
+            raise BankError(f"{index_path}: not a {BANK_FORMAT} index (fields 'format' and 'entries')")
+        for i, item in enumerate(index["entries"]):
+            if not isinstance(item, dict) or not isinstance(item.get("files"), dict):
+                raise BankError(f"{index_path}: entries[{i}] must be an object with 'name' and 'files'")
+            check_name(item.get("name"))
+        return index
+
+    @staticmethod
+    @contextmanager
+    def _locked(path: Path):
+        with open(path / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def refresh(self) -> None:
+        """Re-read the index (another process may have added entries)."""
+        self._index = self._read_index(self.path / INDEX_FILE)
+
+    def tasks(self) -> list[str]:
+        """Entry names in the order they were added."""
+        return [item["name"] for item in self._index["entries"]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tasks()
+
+    def get(self, name: str) -> Entry:
+        """The entry stored for `name`, checked against the index's checksums."""
+        for item in self._index["entries"]:
+            if item["name"] == name:
+                return load_entry(self.path / check_name(name), item["files"])
+        raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
+
+    def add(self, name: str, entry: Entry) -> None:
+        """Store a new entry; an existing name is refused, so nothing stored is ever overwritten."""
+        check_name(name)
+        with self._locked(self.path):
+            self.refresh()
+            if name in self:
+                raise BankError(f"{self.path}: already has an entry for {name!r}; entries are never overwritten")
+            folder = self.path / name
+            if folder.exists():  # left over by a writer killed before it updated the index
+                shutil.rmtree(folder)
+            checksums = save_entry(folder, entry)
+            index = {**self._index, "entries": [*self._index["entries"], {"name": name, "files": checksums}]}
+            replace_json(self.path / INDEX_FILE, index)
+            self._index = index
+
+    def load_for(self, name: str, backbone) -> tuple[Task, Tensor | None, nn.Module | None, Entry]:
+        """Task, prompt P′ and head of an entry, on `backbone`, after checking it is the backbone it was trained on."""
+        entry = self.get(name)
+        where = self.path / name / META_FILE
+        stored = entry.meta.get("backbone")
+        if not isinstance(stored, dict) or not {"fingerprint", "width"} <= stored.keys():
+            raise BankError(f"{where}: field 'backbone' must hold 'fingerprint' and 'width'")
+        if stored["width"] != backbone.width:
+            raise BankError(f"{where}: entry has width {stored['width']}, backbone {backbone.name!r} has {backbone.width}")
+        if stored["fingerprint"] != backbone.fingerprint:
+            raise BankError(f"{where}: entry was trained on backbone {stored.get('name')!r} with other weights "
+                            f"(fingerprint {stored['fingerprint'][:12]}…, this one {backbone.fingerprint[:12]}…)")
+        task = task_from_meta(entry.meta, where)
+        prompt = entry.prompt.to(backbone.device) if entry.prompt is not None else None
+        if prompt is not None and (prompt.dim() != 2 or prompt.shape[1] != backbone.width):
+            raise BankError(f"{self.path / name / PROMPT_FILE}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width})")
+        head = None
+        if entry.head is not None:
+            head = backbone.new_head(task)
+            try:
+                head.load_state_dict(entry.head)
+            except RuntimeError as err:
+                raise BankError(f"{self.path / name / HEAD_FILE}: does not fit this backbone's head ({err})") from err
+        return task, prompt, head, entry
+
+    def predict(self, name: str, examples: list[Example], backbone) -> list[int]:
+        """Predicted label or choice index of every example with task `name`'s stored prompt."""
+        task, prompt, head, entry = self.load_for(name, backbone)
+        return predict(backbone, prompt, head, examples, max_length=entry.config.get("train", {}).get("max_length", 256))
+
+
+def task_from_meta(meta: dict, where: Path | str) -> Task:
+    """Rebuild an entry's task: a SuperGLUE task by name, or a custom task from its stored definition."""
+    if meta.get("custom"):
+        return custom_task(custom_config_from_dict(meta["custom"], f"{where}: custom"))
+    if not isinstance(meta.get("task"), str):
+        raise BankError(f"{where}: field 'task' must name the task")
+    return get_task(meta["task"])
+
+
+def read_examples(meta: dict, path: str | Path) -> list[Example]:
+    """An entry's task examples from a file in the task's own format; labels are optional."""
+    if meta.get("custom"):
+        return read_custom_examples(custom_config_from_dict(meta["custom"], "entry custom"), path)
+    return read_jsonl(task_from_meta(meta, path), path)

@@ -1,39 +1,14 @@
-"""Command line: `crpt train` (one task)."""
+"""Command line: `crpt train` (one task), `crpt run` (a stream into a bank), `crpt bank` (queries)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from continual_rpt import __version__
-from continual_rpt.bank import Entry, save_entry
-
-# Module-level imports of torch/transformers are deferred so `crpt --help` stays fast.
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Where a task's data comes from and how much of it trains."""
-
-    task: str = dataclasses.field(default="", metadata={"help": "SuperGLUE task: BoolQ, CB, COPA, MultiRC, ReCoRD, RTE, WiC, WSC"})
-    data_dir: str = dataclasses.field(default="", metadata={"help": "folder with <Task>/{train,val}.jsonl (default: $CRPT_DATA_DIR)"})
-    train_dir: str = dataclasses.field(default="", metadata={"help": "take train.jsonl from this folder instead, e.g. FewGLUE"})
-    source: str = dataclasses.field(default="files", metadata={"help": "files (official jsonl) or hub (Hugging Face aps/super_glue)"})
-    k_per_class: int = dataclasses.field(default=0, metadata={"help": "train on k examples per class (0: all)"})
-    max_train: int = dataclasses.field(default=0, metadata={"help": "train on a seeded subset of this many examples (0: all)"})
-
-
-@dataclasses.dataclass
-class BackboneConfig:
-    """Which frozen backbone, and how an encoder pools its output."""
-
-    backbone: str = dataclasses.field(default="embedded", metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
-    pooling: str = dataclasses.field(default="cls", metadata={"help": "encoder head input: cls or mean"})
-    device: str = dataclasses.field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -55,79 +30,155 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `crpt` argument parser."""
+    from continual_rpt.backbones import BackboneConfig
     from continual_rpt.learner import TrainConfig
-    from continual_rpt.prompts import PromptConfig
+    from continual_rpt.prompts import METHODS, PromptConfig
+    from continual_rpt.streams import DataConfig
 
     parser = argparse.ArgumentParser(prog="crpt", description="Continual learning with residual prompt tuning.")
     parser.add_argument("--version", action="version", version=f"continual-rpt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train one task's residual prompt and write it, collapsed, to --out")
-    train.add_argument("--out", required=True, help="output folder (created; replaced if it exists)")
+
+    train = commands.add_parser("train", help="train one task's prompt and write it, collapsed, to --out")
+    train.add_argument("--task", required=True, help="SuperGLUE task: BoolQ, CB, COPA, MultiRC, ReCoRD, RTE, WiC, WSC")
+    train.add_argument("--out", required=True, type=Path, help="output folder (must not exist yet)")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     add_dataclass_args(train, DataConfig, "data")
     add_dataclass_args(train, BackboneConfig, "backbone")
     add_dataclass_args(train, PromptConfig, "prompt")
     add_dataclass_args(train, TrainConfig, "training")
+
+    run = commands.add_parser("run", help="learn a stream of tasks, one after another, into a prompt bank")
+    run.add_argument("stream", type=Path, help="stream file (YAML), e.g. streams/superglue-cpu.yaml")
+    run.add_argument("--out", required=True, type=Path, help="run folder: bank, accuracy matrix, metrics, log")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument("--method", choices=METHODS, help="override every task's method")
+    run.add_argument("--seed", type=int, help="override every task's seed")
+    run.add_argument("--data-dir", help="override every task's SuperGLUE data folder")
+    run.add_argument("--backbone", help="override the stream's backbone (hub id or folder)")
+    run.add_argument("--device", help="override the torch device, e.g. cuda")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+
+    bank = commands.add_parser("bank", help="query a prompt bank")
+    bank_commands = bank.add_subparsers(dest="bank_command", required=True)
+    ls = bank_commands.add_parser("ls", help="list the bank's tasks")
+    ls.add_argument("bank", type=Path, help="bank folder (a run's bank/)")
+    show = bank_commands.add_parser("show", help="print an entry's metadata, config and metrics")
+    show.add_argument("bank", type=Path)
+    show.add_argument("task")
+    pred = bank_commands.add_parser("predict", help="predict with a task's stored prompt; writes JSONL")
+    pred.add_argument("bank", type=Path)
+    pred.add_argument("task")
+    pred.add_argument("--input", required=True, type=Path, help="rows in the task's own format (SuperGLUE jsonl; custom: csv/tsv/jsonl)")
+    pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
+    pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
+    pred.add_argument("--device", default="cpu", help="torch device")
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one task, collapse, write the entry and print its scores."""
-    from continual_rpt.backbones import load_backbone
+    """Train one task, collapse, write the entry folder and print its scores."""
+    from continual_rpt.backbones import BackboneConfig
+    from continual_rpt.bank import save_entry
     from continual_rpt.learner import TrainConfig, train_task
     from continual_rpt.prompts import PromptConfig
-    from continual_rpt.tasks import load_task_data
+    from continual_rpt.run import entry_for
+    from continual_rpt.streams import DataConfig, TaskSpec, load_data
+    from continual_rpt.tasks import get_task
 
-    data_cfg = dataclass_from_args(DataConfig, args)
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
+    task = get_task(args.task).name
+    spec = TaskSpec(task, task, None, dataclass_from_args(DataConfig, args), dataclass_from_args(PromptConfig, args),
+                    dataclass_from_args(TrainConfig, args))
     backbone_cfg = dataclass_from_args(BackboneConfig, args)
-    prompt_cfg = dataclass_from_args(PromptConfig, args)
-    train_cfg = dataclass_from_args(TrainConfig, args)
-    if not data_cfg.task:
-        raise ValueError("--task is required")
-    data = load_task_data(
-        data_cfg.task,
-        data_cfg.data_dir or None,
-        train_dir=data_cfg.train_dir or None,
-        source=data_cfg.source,
-        k_per_class=data_cfg.k_per_class or None,
-        max_train=data_cfg.max_train or None,
-        seed=train_cfg.seed,
-    )
-    backbone = load_backbone(backbone_cfg.backbone, backbone_cfg.pooling, backbone_cfg.device)
-    trained = train_task(backbone, data, prompt_cfg, train_cfg)
-    meta = entry_metadata(data, backbone, prompt_cfg)
-    config = {"data": asdict(data_cfg), "backbone": asdict(backbone_cfg), "prompt": asdict(prompt_cfg), "train": asdict(train_cfg)}
-    metrics = {**trained.metrics, "history": trained.history}
-    folder = save_entry(args.out, Entry(trained.prompt, trained.head, meta, config, metrics))
+    data = load_data(spec, Path.cwd())
+    backbone = backbone_cfg.load()
+    trained = train_task(backbone, data, spec.prompt, spec.train, args.progress)
+    save_entry(args.out, entry_for(spec, data, backbone, backbone_cfg, trained))
     m = trained.metrics
     test = ", ".join(f"{k} {v:.1f}" for k, v in m["test"].items())
     print(f"{m['task']} ({m['method']}): dev {m['dev_score']:.1f}  test {test}")
     print(f"trainable {m['trainable_parameters']:,}  stored {m['stored_parameters']:,}  "
-          f"{m['train_examples_per_second']:.1f} train ex/s  {m['wall_seconds']:.0f} s  -> {folder}")
+          f"{m['train_examples_per_second']:.1f} train ex/s  {m['wall_seconds']:.0f} s  -> {args.out}")
     return 0
 
 
-def entry_metadata(data, backbone, prompt_cfg) -> dict:
-    """What a stored prompt is and what it needs: task, labels, backbone identity, data checksums."""
-    return {
-        "library_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": data.task.name,
-        "kind": data.task.kind,
-        "label_names": list(data.task.label_names),
-        "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint},
-        "method": prompt_cfg.method,
-        "prompt_tokens": prompt_cfg.n_tokens if prompt_cfg.uses_prompt else 0,
-        "dtype": "float32",
-        "data_files": data.files,
-    }
+def cmd_run(args: argparse.Namespace) -> int:
+    """Learn a stream into a bank and print the summary table."""
+    from continual_rpt.run import run_stream, summary_table
+    from continual_rpt.streams import load_stream
+
+    stream = load_stream(args.stream)
+    for spec in stream.tasks:
+        if args.method:
+            spec.prompt = dataclasses.replace(spec.prompt, method=args.method)
+        if args.seed is not None:
+            spec.train = dataclasses.replace(spec.train, seed=args.seed)
+        if args.data_dir:
+            spec.data = dataclasses.replace(spec.data, data_dir=args.data_dir)
+    if args.backbone:
+        stream.backbone = dataclasses.replace(stream.backbone, backbone=args.backbone)
+    if args.device:
+        stream.backbone = dataclasses.replace(stream.backbone, device=args.device)
+    try:
+        metrics = run_stream(stream, args.out, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\ncrpt: interrupted; finished tasks are in {args.out}/bank. Continue with: crpt run {args.stream} --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
+    print(summary_table(metrics))
+    print(f"run folder: {args.out}  (bank: {args.out}/bank)")
+    return 0
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    """`crpt bank ls|show|predict`."""
+    from continual_rpt.bank import PromptBank
+
+    bank = PromptBank.open(args.bank)
+    if args.bank_command == "ls":
+        print(f"{'task':<16}{'method':<8}{'tokens':>7}{'test':>8}  backbone")
+        for name in bank.tasks():
+            entry = bank.get(name)
+            m = entry.meta
+            print(f"{name:<16}{m['method']:<8}{m['prompt_tokens']:>7}{entry.metrics.get('test_score', float('nan')):>8.1f}  {m['backbone']['name']}")
+        return 0
+    if args.bank_command == "show":
+        entry = bank.get(args.task)
+        print(json.dumps({"entry": entry.meta, "config": entry.config, "metrics": {k: v for k, v in entry.metrics.items() if k != "history"}},
+                         indent=2, sort_keys=True))
+        return 0
+    return predict_file(bank, args)
+
+
+def predict_file(bank, args: argparse.Namespace) -> int:
+    """Predict every example of --input with a stored prompt and write one JSON line each."""
+    from continual_rpt.backbones import load_backbone
+    from continual_rpt.bank import read_examples, task_from_meta
+
+    entry = bank.get(args.task)
+    task = task_from_meta(entry.meta, args.bank / args.task)
+    examples = read_examples(entry.meta, args.input)
+    backbone = load_backbone(args.backbone or entry.meta["backbone"]["name"], entry.config.get("backbone", {}).get("pooling", "cls"), args.device)
+    predictions = bank.predict(args.task, examples, backbone)
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for example, index in zip(examples, predictions):
+            answer = task.label_names[index] if task.kind == "classification" else example.candidates[index]
+            out.write(json.dumps({"uid": example.uid, "prediction": answer, "index": index}) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crpt` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+        return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank}[args.command](args)
+    except (ValueError, OSError) as err:
         print(f"crpt: error: {err}", file=sys.stderr)
         return 2
 

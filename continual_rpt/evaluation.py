@@ -77,3 +77,38 @@ def evaluate(
 ) -> dict[str, float]:
     """The task's official metrics (percent) and `score` on labelled examples."""
     return task.score(examples, predict(backbone, prompt, head, examples, max_length, batch_size, bf16))
+
+
+# --- continual-learning metrics: pure functions of the accuracy matrix -----------------------
+# R[i][j] is the score on task j after learning task i; None where it was not measured (j > i
+# for a prompt bank, which has nothing to answer task j with before learning it).
+
+
+def average_score(R: list[list[float | None]]) -> float:
+    """Mean final score over all tasks: mean_j R[T-1][j]."""
+    return sum(R[-1]) / len(R[-1])
+
+
+def forgetting(R: list[list[float | None]]) -> float | None:
+    """Chaudhry et al. (2018): mean over j < T-1 of max_{l<T-1} R[l][j] − R[T-1][j]; None for one task."""
+    T = len(R)
+    if T < 2:
+        return None
+    drops = [max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)]
+    return sum(drops) / len(drops)
+
+
+def backward_transfer(R: list[list[float | None]]) -> float | None:
+    """Lopez-Paz & Ranzato (2017): mean over j < T-1 of R[T-1][j] − R[j][j]; None for one task."""
+    T = len(R)
+    if T < 2:
+        return None
+    return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def forward_transfer(R: list[list[float | None]], reference: list[float]) -> float | None:
+    """Mean over j ≥ 1 of R[j-1][j] − b_j (b_j: `reference` score of task j); None where R[j-1][j] was not measured."""
+    T = len(R)
+    if T < 2 or any(R[j - 1][j] is None for j in range(1, T)):
+        return None
+    return sum(R[j - 1][j] - reference[j] for j in range(1, T)) / (T - 1)

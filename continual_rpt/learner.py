@@ -35,7 +35,6 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the backbone (P, Φ and head stay fp32)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt initialisation, head and data order"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
@@ -68,7 +67,9 @@ def build_prompt(backbone: Backbone, cfg: PromptConfig, seed: int) -> ResidualPr
     return ResidualPrompt(cfg, init, backbone.embedding_norm).to(backbone.device)
 
 
-def train_task(backbone: Backbone, data: TaskData, prompt_cfg: PromptConfig, cfg: TrainConfig) -> TrainedTask:
+def train_task(
+    backbone: Backbone, data: TaskData, prompt_cfg: PromptConfig, cfg: TrainConfig, progress: bool = False
+) -> TrainedTask:
     """Train one task and return the collapsed best-on-dev prompt, its head and the metrics."""
     task = data.task
     if not data.train or not data.dev:
@@ -108,7 +109,7 @@ def train_task(backbone: Backbone, data: TaskData, prompt_cfg: PromptConfig, cfg
     step, seen, train_seconds, stale, skipped = 0, 0, 0.0, 0, 0
     running: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{task.name} ({prompt_cfg.method})", disable=not cfg.progress, leave=False)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{task.name} ({prompt_cfg.method})", disable=not progress, leave=False)
     stop = False
     for epoch in range(cfg.epochs):
         for batch_ids in length_batches(train, cfg.batch_size, generator):

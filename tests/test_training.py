@@ -13,7 +13,7 @@ from continual_rpt.learner import TrainConfig, build_prompt, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.tasks import load_task_data
 
-FAST = TrainConfig(epochs=1, batch_size=8, max_length=128, progress=False, bf16=False)
+FAST = TrainConfig(epochs=1, batch_size=8, max_length=128, bf16=False)
 
 
 def small(data, n_train=24, n_eval=8):
@@ -117,7 +117,7 @@ def test_length_batches_cover_everything_once(tiny_bert, superglue_dir):
 def test_embedded_minilm_learns_real_cb(superglue_dir):
     backbone = load_backbone(EMBEDDED)
     data = load_task_data("CB", superglue_dir, max_train=96, seed=0)
-    cfg = TrainConfig(epochs=3, batch_size=16, max_length=128, progress=False, patience=0)
+    cfg = TrainConfig(epochs=3, batch_size=16, max_length=128, patience=0)
     result = train_task(backbone, data, PromptConfig(n_tokens=10), cfg)
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0] * 0.9

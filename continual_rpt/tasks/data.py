@@ -32,7 +32,7 @@ class TaskData:
     files: dict[str, str]
 
 
-def _read_lines(path: Path) -> tuple[str, list[Line]]:
+def read_lines(path: Path) -> tuple[str, list[Line]]:
     """The sha256 of a jsonl file and its non-blank lines."""
     data = path.read_bytes()
     try:
@@ -71,7 +71,7 @@ def read_jsonl(task: Task, path: str | Path, *, labeled: bool = False) -> list[E
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found")
-    return _parse_lines(task, path, _read_lines(path)[1], labeled=labeled)
+    return _parse_lines(task, path, read_lines(path)[1], labeled=labeled)
 
 
 def _missing_file_message(task: Task, path: Path, root: Path, split: str) -> str:
@@ -93,7 +93,7 @@ def _task_file(task: Task, root: Path, split: str) -> Path:
     return path
 
 
-def _halve(units: list[T], split_seed: int) -> tuple[list[T], list[T]]:
+def halve(units: list[T], split_seed: int) -> tuple[list[T], list[T]]:
     """Shuffle with `split_seed` and halve (dev gets the smaller half); each half keeps the original order."""
     order = list(range(len(units)))
     random.Random(split_seed).shuffle(order)
@@ -104,16 +104,16 @@ def _halve(units: list[T], split_seed: int) -> tuple[list[T], list[T]]:
 def _dev_test_from_file(
     task: Task, path: Path, split_seed: int, files: dict[str, str]
 ) -> tuple[list[Example], list[Example]]:
-    files[str(path)], lines = _read_lines(path)
+    files[str(path)], lines = read_lines(path)
     if len(lines) < 2:
         raise DataError(f"{path} has {len(lines)} row(s); at least 2 are needed to split it into dev and test")
-    dev_lines, test_lines = _halve(lines, split_seed)
+    dev_lines, test_lines = halve(lines, split_seed)
     return _parse_lines(task, path, dev_lines, labeled=True), _parse_lines(task, path, test_lines, labeled=True)
 
 
 def _train_from_file(task: Task, root: Path, files: dict[str, str]) -> list[Example]:
     path = _task_file(task, root, "train")
-    files[str(path)], lines = _read_lines(path)
+    files[str(path)], lines = read_lines(path)
     return _parse_lines(task, path, lines, labeled=True)
 
 
@@ -149,7 +149,7 @@ def _load_hub(task: Task, split_seed: int) -> tuple[list[Example], list[Example]
         ) from error
     # The "/val" suffix makes uids read ".../val/...", as for val.jsonl.
     train = _parse_hub_units(task, _hub_units(list(dataset["train"])), f"{name}/train")
-    dev_units, test_units = _halve(_hub_units(list(dataset["validation"])), split_seed)
+    dev_units, test_units = halve(_hub_units(list(dataset["validation"])), split_seed)
     dev, test = (_parse_hub_units(task, units, f"{name}/val") for units in (dev_units, test_units))
     return train, dev, test, {name: getattr(dataset["validation"], "_fingerprint", "") or ""}
 
@@ -166,7 +166,7 @@ def _classes(task: Task, train: list[Example]) -> dict[str, list[int]]:
     return {name: [i for i, example in enumerate(train) if example.label == label] for name, label in labels.items()}
 
 
-def _sample(
+def sample(
     task: Task, train: list[Example], k_per_class: int | None, max_train: int | None, seed: int
 ) -> list[Example]:
     """k examples per class (ReCoRD: k in total), then at most max_train, all seeded and in file order."""
@@ -217,4 +217,4 @@ def load_task_data(
         train = _train_from_file(task, Path(train_dir if train_dir is not None else data_dir), files)
     else:
         raise ValueError(f"source must be 'files' or 'hub', got {source!r}")
-    return TaskData(task, _sample(task, train, k_per_class, max_train, seed), dev, test, files)
+    return TaskData(task, sample(task, train, k_per_class, max_train, seed), dev, test, files)

@@ -1,0 +1,184 @@
+"""Learn a stream of tasks into a prompt bank, evaluating every task seen so far after each one.
+
+A run folder holds:
+    stream.json           the resolved stream (every default filled in)
+    bank/                 the prompt bank, one collapsed entry per finished task
+    state.json            the accuracy-matrix rows finished so far (what --resume continues from)
+    accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
+    metrics.json          average score, forgetting, backward/forward transfer, per-task details
+    log.txt               what happened, with times
+
+Each step is written atomically, so an interrupted run (Ctrl-C, kill) resumes with the first
+unfinished task and leaves finished entries untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from continual_rpt import __version__
+from continual_rpt.backbones import Backbone, BackboneConfig
+from continual_rpt.bank import Entry, PromptBank, replace_json
+from continual_rpt.evaluation import average_score, backward_transfer, forgetting, forward_transfer
+from continual_rpt.learner import TrainedTask, train_task
+from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data
+from continual_rpt.tasks import TaskData
+
+STREAM_FILE, STATE_FILE, BANK_DIR = "stream.json", "state.json", "bank"
+
+
+class RunError(ValueError):
+    """A run folder that cannot be started or resumed as asked."""
+
+
+def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: BackboneConfig, trained: TrainedTask) -> Entry:
+    """The bank entry of a trained task: P′ and head, plus everything needed to trust and reuse them."""
+    meta = {
+        "library_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "name": spec.name,
+        "task": data.task.name,
+        "custom": dataclasses.asdict(spec.custom) if spec.custom else None,
+        "kind": data.task.kind,
+        "label_names": list(data.task.label_names),
+        "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint},
+        "method": spec.prompt.method,
+        "prompt_tokens": trained.metrics["prompt_tokens"],
+        "dtype": "float32",
+        "data_files": data.files,
+    }
+    config = {"backbone": dataclasses.asdict(backbone_cfg), **{s: dataclasses.asdict(getattr(spec, s)) for s in SECTIONS}}
+    return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history})
+
+
+def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
+    """Check `out` against the stream and return the saved state (empty for a new run)."""
+    config = stream.resolved()
+    stored_path = out / STREAM_FILE
+    if stored_path.is_file():
+        if not resume:
+            raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        stored = json.loads(stored_path.read_text())
+        if stored != config:
+            differing = [k for k in config if stored.get(k) != config[k]]
+            raise RunError(f"{stored_path}: the run was started with another stream configuration "
+                           f"(differs in: {', '.join(differing)}); resume with the same stream and options")
+        state_path = out / STATE_FILE
+        return json.loads(state_path.read_text()) if state_path.is_file() else {"rows": [], "seconds": {}}
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not a run folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    replace_json(stored_path, config)
+    return {"rows": [], "seconds": {}}
+
+
+def _logger(out: Path) -> logging.Logger:
+    log = logging.getLogger(f"continual_rpt.run.{out.resolve()}")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.FileHandler(out / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Learn the stream's tasks in order into `out`/bank and return the run's metrics."""
+    out = Path(out)
+    state = _open_run(stream, out, resume)
+    log = _logger(out)
+    log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
+    backbone = stream.backbone.load()
+    bank = PromptBank.open(out / BANK_DIR, create=True)
+    data: dict[str, TaskData] = {}
+    bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
+    for i, spec in enumerate(bar):
+        bar.set_postfix(task=spec.name)
+        data[spec.name] = load_data(spec, stream.base_dir)
+        if i < len(state["rows"]):
+            continue
+        start = time.perf_counter()
+        if spec.name not in bank:  # else: stored before an interruption; only its evaluation is missing
+            log.info("train %s (%s, n=%d)", spec.name, spec.prompt.method, spec.prompt.n_tokens)
+            trained = train_task(backbone, data[spec.name], spec.prompt, spec.train, progress)
+            bank.add(spec.name, entry_for(spec, data[spec.name], backbone, stream.backbone, trained))
+            log.info("stored %s: dev %.2f, test %.2f", spec.name, trained.metrics["dev_score"], trained.metrics["test_score"])
+        row = {}
+        for seen in stream.tasks[: i + 1]:
+            examples = data[seen.name].test
+            row[seen.name] = data[seen.name].task.score(examples, bank.predict(seen.name, examples, backbone))
+        state["rows"].append(row)
+        state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
+        replace_json(out / STATE_FILE, state)
+        log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()))
+    bar.close()
+    metrics = summarize(stream, bank, state)
+    write_results(out, stream, metrics)
+    log.info("done: average %.2f, forgetting %s", metrics["average_score"], metrics["forgetting"])
+    return metrics
+
+
+def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
+    """Continual metrics of the accuracy matrix, and per-task scores, sizes and times."""
+    names = [t.name for t in stream.tasks]
+    R = [[row.get(name, {}).get("score") for name in names] for row in state["rows"]]
+    per_task = {}
+    for i, name in enumerate(names):
+        m = bank.get(name).metrics
+        per_task[name] = {
+            "score_after_learning": R[i][i],
+            "final_score": R[-1][i],
+            "final_test": state["rows"][-1][name],
+            "dev_score": m["dev_score"],
+            "prompt_tokens": m["prompt_tokens"],
+            "prompt_tokens_in_context": m["prompt_tokens"],  # a bank puts one task's prompt in context, never the others
+            "trainable_parameters": m["trainable_parameters"],
+            "stored_parameters": m["stored_parameters"],
+            "train_seconds": m["wall_seconds"],
+            "task_seconds": state["seconds"][name],
+            "train_examples_per_second": m["train_examples_per_second"],
+        }
+    methods = sorted({t.prompt.method for t in stream.tasks})
+    return {
+        "stream": stream.name,
+        "method": methods[0] if len(methods) == 1 else methods,
+        "tasks": names,
+        "accuracy_matrix": R,
+        "average_score": average_score(R),
+        "forgetting": forgetting(R),
+        "backward_transfer": backward_transfer(R),
+        "forward_transfer": forward_transfer(R, [0.0] * len(names)),
+        "forward_transfer_note": "undefined for a prompt bank: task j has no prompt before it is learned",
+        "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
+        "per_task": per_task,
+        "wall_seconds": sum(state["seconds"].values()),
+    }
+
+
+def write_results(out: Path, stream: Stream, metrics: dict) -> None:
+    """accuracy_matrix.csv and metrics.json of a finished run."""
+    names = metrics["tasks"]
+    with open(out / "accuracy_matrix.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["after_task", *names])
+        for name, row in zip(names, metrics["accuracy_matrix"]):
+            writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
+    replace_json(out / "metrics.json", metrics)
+
+
+def summary_table(metrics: dict) -> str:
+    """A plain-text table: task, score after learning it, final score, prompt tokens, time."""
+    lines = [f"{'task':<14}{'score':>8}{'final':>8}{'tokens':>8}{'time s':>9}"]
+    for name, t in metrics["per_task"].items():
+        lines.append(f"{name:<14}{t['score_after_learning']:>8.1f}{t['final_score']:>8.1f}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
+    fgt = metrics["forgetting"]
+    lines.append(f"average {metrics['average_score']:.1f}   forgetting {'—' if fgt is None else f'{fgt:.1f}'}   "
+                 f"total {metrics['wall_seconds']:.0f} s")
+    return "\n".join(lines)

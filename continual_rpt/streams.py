@@ -1,0 +1,223 @@
+"""Stream files: a YAML list of tasks, in order, with defaults and per-task overrides.
+
+    name: superglue-cpu
+    description: ...
+    backbone: {backbone: embedded, pooling: cls}
+    data: {k_per_class: 32}            # DataConfig defaults for every task
+    prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
+    train: {epochs: 10}                 # TrainConfig defaults
+    tasks:
+      - CB                              # a SuperGLUE task (or a hub task of tasks/catalog.py) by name
+      - task: RTE                       # the same, with overrides of any section
+        data: {k_per_class: 16}
+        train: {max_length: 192}
+      - custom: {name: sst2, hub: stanfordnlp/sst2, hub_eval_split: validation, text: sentence,
+                 label_names: [negative, positive]}
+
+Every key is checked: an unknown key or a value of the wrong type is an error naming the file
+and the key's path (e.g. `tasks[2].train.epochs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from continual_rpt.backbones import BackboneConfig
+from continual_rpt.bank import check_name
+from continual_rpt.learner import TrainConfig
+from continual_rpt.prompts import PromptConfig
+from continual_rpt.tasks.catalog import HUB_TASKS
+from continual_rpt.tasks import (
+    CustomTaskConfig,
+    Example,
+    TaskData,
+    custom_config_from_dict,
+    get_task,
+    load_custom_data,
+    load_task_data,
+)
+
+SECTIONS = ("data", "prompt", "train")
+
+
+@dataclass
+class DataConfig:
+    """Where a task's data comes from and how much of it trains."""
+
+    data_dir: str = field(default="", metadata={"help": "folder with <Task>/{train,val}.jsonl (default: $CRPT_DATA_DIR)"})
+    train_dir: str = field(default="", metadata={"help": "take train.jsonl from this folder instead (relative: to the data dir), e.g. FewGLUE"})
+    source: str = field(default="files", metadata={"help": "files (official jsonl) or hub (Hugging Face aps/super_glue)"})
+    k_per_class: int = field(default=0, metadata={"help": "train on k examples per class (0: all)"})
+    max_train: int = field(default=0, metadata={"help": "train on a seeded subset of this many examples (0: all)"})
+    max_eval: int = field(default=0, metadata={"help": "evaluate on a fixed subset of this many dev and test examples each (MultiRC: questions; 0: all)"})
+
+    def __post_init__(self) -> None:
+        if self.source not in ("files", "hub"):
+            raise ValueError(f"source: {self.source!r} is not one of files, hub")
+        for name in ("k_per_class", "max_train", "max_eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be 0 (all) or more, got {getattr(self, name)}")
+
+
+@dataclass
+class TaskSpec:
+    """One task of a stream: its bank name, what data it reads, and its prompt and training settings."""
+
+    name: str
+    task: str
+    custom: CustomTaskConfig | None
+    data: DataConfig
+    prompt: PromptConfig
+    train: TrainConfig
+
+
+@dataclass
+class Stream:
+    """An ordered list of tasks learned one after another on one frozen backbone."""
+
+    name: str
+    description: str
+    backbone: BackboneConfig
+    tasks: list[TaskSpec]
+    base_dir: Path  # the stream file's folder: relative custom-data paths resolve against it
+
+    def resolved(self) -> dict:
+        """The whole configuration with every default filled in (saved next to a run)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "backbone": dataclasses.asdict(self.backbone),
+            "tasks": [
+                {"name": t.name, "task": t.task, "custom": dataclasses.asdict(t.custom) if t.custom else None,
+                 **{s: dataclasses.asdict(getattr(t, s)) for s in SECTIONS}}
+                for t in self.tasks
+            ],
+        }
+
+
+def build(cls: type, values: object, where: str, base: object | None = None):
+    """A `cls` dataclass from a mapping, on top of `base`: unknown keys and wrong types name their path."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    current = dataclasses.asdict(base) if base is not None else {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{where}.{key}: unknown key; known keys are {', '.join(fields)}")
+        kind = type(fields[key].default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+        current[key] = value
+    try:
+        return cls(**current)
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
+
+
+def load_stream(path: str | Path) -> Stream:
+    """Parse and validate a stream file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: stream file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    return parse_stream(doc, str(path), path.resolve().parent)
+
+
+def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
+    """A Stream from an already-loaded YAML document; `where` prefixes every error."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: a stream file must be a mapping with 'name' and 'tasks'")
+    known = {"name", "description", "backbone", *SECTIONS, "tasks"}
+    for key in doc:
+        if key not in known:
+            raise ValueError(f"{where}: {key}: unknown key; known keys are {', '.join(sorted(known))}")
+    name, description = doc.get("name"), doc.get("description", "")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: name: expected a non-empty string")
+    if not isinstance(description, str):
+        raise ValueError(f"{where}: description: expected a string")
+    defaults = {s: build(cls, doc.get(s), f"{where}: {s}") for s, cls in zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig))}
+    backbone = build(BackboneConfig, doc.get("backbone"), f"{where}: backbone")
+    items = doc.get("tasks")
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where}: tasks: expected a non-empty list")
+    tasks = [_task_spec(item, f"{where}: tasks[{i}]", defaults) for i, item in enumerate(items)]
+    seen = set()
+    for i, spec in enumerate(tasks):
+        if spec.name in seen:
+            raise ValueError(f"{where}: tasks[{i}]: task name {spec.name!r} appears twice; give one a 'name'")
+        seen.add(spec.name)
+    return Stream(name, description, backbone, tasks, base_dir)
+
+
+def _task_spec(item: object, where: str, defaults: dict) -> TaskSpec:
+    if isinstance(item, str):
+        item = {"task": item}
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a task name or a mapping")
+    for key in item:
+        if key not in ("name", "task", "custom", *SECTIONS):
+            raise ValueError(f"{where}.{key}: unknown key; known keys are name, task, custom, {', '.join(SECTIONS)}")
+    if ("task" in item) == ("custom" in item):
+        raise ValueError(f"{where}: give exactly one of 'task' (a SuperGLUE task) or 'custom'")
+    custom, task = None, ""
+    if "custom" in item:
+        custom = custom_config_from_dict(item["custom"], f"{where}.custom")
+        name = item.get("name", custom.name)
+    elif str(item["task"]).lower() in HUB_TASKS:
+        custom = HUB_TASKS[str(item["task"]).lower()]
+        name = item.get("name", custom.name)
+    else:
+        try:
+            task = get_task(str(item["task"])).name
+        except ValueError as err:
+            raise ValueError(f"{where}.task: {err}; or one of the hub tasks {', '.join(HUB_TASKS)}") from None
+        name = item.get("name", task)
+    try:
+        check_name(name)
+    except ValueError as err:
+        raise ValueError(f"{where}.name: {err}") from None
+    sections = {s: build(type(defaults[s]), item.get(s), f"{where}.{s}", defaults[s]) for s in SECTIONS}
+    return TaskSpec(name=name, task=task, custom=custom, **sections)
+
+
+def load_data(spec: TaskSpec, base_dir: Path) -> TaskData:
+    """Load a task's splits as its spec says (SuperGLUE files or hub, or a custom dataset)."""
+    d = spec.data
+    k, limit, seed = d.k_per_class or None, d.max_train or None, spec.train.seed
+    if spec.custom is not None:
+        data = load_custom_data(spec.custom, base_dir, k_per_class=k, max_train=limit, seed=seed)
+    else:
+        data_dir = d.data_dir or os.environ.get("CRPT_DATA_DIR") or None
+        train_dir = None
+        if d.train_dir:
+            train_dir = Path(d.train_dir)
+            if not train_dir.is_absolute() and data_dir:
+                train_dir = Path(data_dir) / train_dir
+        data = load_task_data(spec.task, data_dir, train_dir=train_dir, source=d.source, k_per_class=k, max_train=limit, seed=seed)
+    if d.max_eval:
+        data = dataclasses.replace(data, dev=_subsample(data.dev, d.max_eval), test=_subsample(data.test, d.max_eval))
+    return data
+
+
+def _subsample(examples: list[Example], limit: int) -> list[Example]:
+    """A fixed (seed-independent) subset of at most `limit` units: questions for MultiRC, queries for ReCoRD."""
+    units = list(dict.fromkeys(ex.group or ex.uid for ex in examples))
+    if len(units) <= limit:
+        return examples
+    keep = set(random.Random(0).sample(units, limit))
+    return [ex for ex in examples if (ex.group or ex.uid) in keep]

@@ -1,0 +1,123 @@
+"""Run a grid of single-task trainings from a YAML file and tabulate mean ± std over seeds.
+
+    python experiments/grid.py experiments/first_number.yaml
+
+Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
+grid is started again), the table in `experiments/results/<name>/summary.{csv,md}`, with the
+machine, versions, seeds and command next to it. Dev selects, test is reported; the majority-class
+score (the most frequent training label predicted for every test example) is added per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+
+from continual_rpt import __version__
+from continual_rpt.backbones import load_backbone
+from continual_rpt.learner import TrainConfig, train_task
+from continual_rpt.prompts import PromptConfig
+from continual_rpt.tasks import load_task_data
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def majority_score(data) -> float:
+    """Test score of always predicting the most frequent training label (or choice index)."""
+    common = collections.Counter(ex.label for ex in data.train).most_common(1)[0][0]
+    return data.task.score(data.test, [common] * len(data.test))["score"]
+
+
+def run_grid(spec: dict, spec_path: Path) -> Path:
+    """Train every (task, method, seed) of `spec` that has no result yet, then write the summary."""
+    out = RESULTS / spec["name"]
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(spec.get("backbone", "embedded"))
+    data_dir = Path(spec["data_dir"]).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = (spec_path.parent / data_dir).resolve()
+    for task, task_opts in spec["tasks"].items():
+        for method in spec["methods"]:
+            for seed in spec["seeds"]:
+                path = out / "runs" / f"{task}-{method}-{seed}.json"
+                if path.exists():
+                    continue
+                data = load_task_data(task, data_dir, max_train=task_opts.get("max_train"), seed=seed)
+                prompt_cfg = PromptConfig(method=method, **spec.get("prompt", {}))
+                train_cfg = TrainConfig(seed=seed, **{**spec.get("train", {}), **task_opts.get("train", {})})
+                result = train_task(backbone, data, prompt_cfg, train_cfg)
+                record = {**result.metrics, "seed": seed, "history": result.history, "majority_test_score": majority_score(data),
+                          "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
+                path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                print(f"{task:8s} {method:6s} seed {seed}: dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
+                      f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
+    write_summary(out, spec, spec_path)
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' (sample std) of a list of scores."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
+    """Per task and method: test (and dev) mean ± std over seeds, plus the majority-class row."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    tasks = list(spec["tasks"])
+    rows = [("majority class", {t: mean_std([r["majority_test_score"] for r in runs if r["task"] == t][:1]) for t in tasks}, "")]
+    csv_lines = ["method,task,seeds,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
+    for method in spec["methods"]:
+        cells, averages = {}, []
+        for task in tasks:
+            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            if not mine:
+                cells[task] = "—"
+                continue
+            tests, devs = [r["test_score"] for r in mine], [r["dev_score"] for r in mine]
+            cells[task] = mean_std(tests)
+            averages.append(statistics.mean(tests))
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+            speed = statistics.median(r["train_examples_per_second"] for r in mine)
+            csv_lines.append(f"{method},{task},{len(mine)},{statistics.mean(devs):.2f},{sd(devs):.2f},"
+                             f"{statistics.mean(tests):.2f},{sd(tests):.2f},{speed:.1f}")
+        rows.append((method, cells, f"{statistics.mean(averages):.1f}" if len(averages) == len(tasks) else "—"))
+    (out / "summary.csv").write_text("\n".join(csv_lines) + "\n")
+    table = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
+    table += [f"| {name} | " + " | ".join(cells[t] for t in tasks) + f" | {avg} |" for name, cells, avg in rows]
+    env = {
+        "command": f"python experiments/grid.py {spec_path.relative_to(Path.cwd()) if spec_path.is_relative_to(Path.cwd()) else spec_path}",
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "continual_rpt": __version__, "seeds": spec["seeds"], "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    header = [f"# {spec['name']}", "", spec.get("description", "").strip(), "",
+              "Test-half score (task metric mean, percent), mean ± std over seeds; dev half used for early stopping only.", ""]
+    (out / "summary.md").write_text("\n".join(header + table + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
+    print("\n".join(table))
+
+
+def main() -> None:
+    """Parse the grid file path and run it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec", type=Path, help="YAML grid file")
+    args = parser.parse_args()
+    spec = yaml.safe_load(args.spec.read_text())
+    run_grid(spec, args.spec.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
