@@ -133,7 +133,9 @@ def test_crpt_train_writes_the_entry(tiny_bert_dir, superglue_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"dev_score", "test", "trainable_parameters", "stored_parameters", "wall_seconds", "train_examples_per_second"} <= metrics.keys()
     config = json.loads((out / "config.json").read_text())
-    assert config["prompt"]["n_tokens"] == 3 and config["data"]["task"] == "CB"
+    entry = json.loads((out / "entry.json").read_text())
+    assert config["prompt"]["n_tokens"] == 3 and config["data"]["max_train"] == 16 and entry["task"] == "CB"
+    assert entry["backbone"]["width"] == 32 and len(entry["backbone"]["fingerprint"]) == 64
 
 
 def test_crpt_train_reports_bad_input(superglue_dir, tmp_path, capsys):
