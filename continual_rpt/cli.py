@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
+    from continual_rpt import distributed
     from continual_rpt.backbones import BackboneConfig
     from continual_rpt.bank import save_entry
     from continual_rpt.learner import TrainConfig, train_task
@@ -94,7 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     backbone_cfg = dataclass_from_args(BackboneConfig, args)
     data = load_data(spec, Path.cwd())
     backbone = backbone_cfg.load()
-    trained = train_task(backbone, data, spec.prompt, spec.train, args.progress)
+    rank, _ = distributed.setup()
+    trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
+    if rank != 0:  # under `accelerate launch` every process holds the same result; one writes it
+        return 0
     save_entry(args.out, entry_for(spec, data, backbone, backbone_cfg, trained))
     m = trained.metrics
     test = ", ".join(f"{k} {v:.1f}" for k, v in m["test"].items())

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from continual_rpt.backbones import Backbone
+from continual_rpt import distributed
+from continual_rpt.backbones import Backbone, Features
 from continual_rpt.evaluation import autocast, length_batches, predict_features
 from continual_rpt.prompts import PromptConfig, ResidualPrompt, initial_prompt
 from continual_rpt.tasks import TaskData
@@ -91,6 +92,7 @@ def train_task(
     if head is not None:
         groups.append({"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, eps=1e-8)
+    trainable = [m for m in (prompt, head) if m is not None]
 
     max_tokens = cfg.max_length - n_tokens
     train = backbone.featurize(data.train, max_tokens)
@@ -99,10 +101,17 @@ def train_task(
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     eval_every = cfg.eval_every or steps_per_epoch
 
+    rank, world = distributed.setup()
+
+    def predict_all(collapsed: Tensor | None, features: list[Features]) -> list[int]:
+        mine = distributed.share(list(range(len(features))), rank, world)
+        preds = predict_features(backbone, collapsed, head, [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
+        merged = distributed.gather(dict(zip(mine, preds)))
+        return [merged[i] for i in range(len(features))]
+
     def dev_score() -> tuple[float, Tensor | None]:
         collapsed = prompt.collapse() if prompt is not None else None
-        preds = predict_features(backbone, collapsed, head, dev, cfg.eval_batch_size, cfg.bf16)
-        return task.score(data.dev, preds)["score"], collapsed
+        return task.score(data.dev, predict_all(collapsed, dev))["score"], collapsed
 
     best = {"score": -math.inf, "prompt": None, "head": None, "step": 0}
     history: list[dict] = []
@@ -118,14 +127,19 @@ def train_task(
                 prompt.train()
             if head is not None:
                 head.train()
-            batch = backbone.collate([train[i] for i in batch_ids])
-            with autocast(backbone, cfg.bf16):
-                loss = backbone.loss(prompt() if prompt is not None else None, head, batch)
+            local = distributed.share(batch_ids, rank, world)  # all of it when run alone
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
+            loss = None
+            if local:
+                batch = backbone.collate([train[i] for i in local])
+                with autocast(backbone, cfg.bf16):
+                    loss = backbone.loss(prompt() if prompt is not None else None, head, batch)
+            if distributed.all_true(loss is None or bool(torch.isfinite(loss))):
+                if loss is not None:
+                    loss.backward()
+                    running.append(loss.item())
+                distributed.reduce_gradients(trainable, len(local), len(batch_ids))
                 optimizer.step()
-                running.append(loss.item())
             else:  # a diverging step is dropped, never applied
                 skipped += 1
             step += 1
@@ -158,9 +172,7 @@ def train_task(
         head.load_state_dict(best["head"])
     test_metrics = {}
     if data.test:
-        test = backbone.featurize(data.test, max_tokens)
-        preds = predict_features(backbone, best["prompt"], head, test, cfg.eval_batch_size, cfg.bf16)
-        test_metrics = task.score(data.test, preds)
+        test_metrics = task.score(data.test, predict_all(best["prompt"], backbone.featurize(data.test, max_tokens)))
     head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
     metrics = {
         "task": task.name,

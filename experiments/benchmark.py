@@ -1,0 +1,795 @@
+"""Speed, padding, memory and latency of continual-rpt's training and inference paths.
+
+    HF_HUB_OFFLINE=1 python experiments/benchmark.py                 # everything, ~15 min on 2 cores
+    HF_HUB_OFFLINE=1 python experiments/benchmark.py --quick         # tiny sizes: checks the script runs
+    HF_HUB_OFFLINE=1 python experiments/benchmark.py --sections 2,4  # rerun some sections only
+
+Sections: 1 matmul peak, 2 training throughput and FLOP/s, 3 padding share, 4 against the `peft`
+package, 5 cost of Φ, 6 inference and prompt length, 7 bank query latency, 8 the same on a GPU
+with a T5-Base-sized model. Each figure is the median over `--repeats`; the sides of a comparison
+run alternately within each repeat (in a rotating order) so that machine drift hits all of them.
+Results go to `<out>/performance.md` and the raw numbers to `<out>/performance.json`; a partial
+rerun replaces only the sections it ran.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()  # the cold-start breakdown of section 7 counts imports from here
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from continual_rpt.backbones import BackboneConfig, load_backbone, resolve_backbone
+from continual_rpt.bank import PromptBank
+from continual_rpt.evaluation import autocast, length_batches, predict_features
+from continual_rpt.learner import TrainConfig, TrainedTask, build_prompt
+from continual_rpt.prompts import PromptConfig
+from continual_rpt.run import entry_for
+from continual_rpt.streams import DataConfig, TaskSpec
+from continual_rpt.tasks import get_task, load_task_data, read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CRPT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SUPERGLUE, FEWGLUE = SHARED / "superglue", SHARED / "fewglue"
+SEED = 0  # prompt init, head init, data order and samples
+N_TOKENS = 10
+TRAIN_TASKS = ["RTE", "CB", "WiC", "COPA"]
+PADDING_TASKS = ["CB", "COPA", "MultiRC", "RTE", "WiC", "WSC"]  # the ones with an official train file here
+FEWSHOT_TASKS = ["BoolQ", "ReCoRD"]  # only FewGLUE's 32-example train file exists for these
+
+
+@dataclasses.dataclass
+class Sizes:
+    """How much work each section does; the full sizes fit ~15 minutes on 2 CPU cores."""
+
+    repeats: int = 5
+    batch: int = 16  # training batch size
+    batches: int = 6  # training batches per side and repeat
+    max_length: int = 256
+    matmul: tuple = (1024, 2048)
+    gpu_matmul: tuple = (4096, 8192)
+    infer_examples: int = 128
+    padding_cap: int = 0  # examples per task in section 3 (0: all)
+    memory_sides: int = 5  # section 4 sides measured for memory, each in its own process
+    warm_queries: int = 20
+    t5: tuple = (768, 3072, 12, 12, 64)  # d_model, d_ff, layers, heads, d_kv: T5-Base
+
+
+QUICK = Sizes(repeats=2, batch=4, batches=1, max_length=64, matmul=(256, 512), gpu_matmul=(1024,), infer_examples=16,
+              padding_cap=300, memory_sides=2, warm_queries=3, t5=(64, 128, 2, 4, 16))
+
+
+# -----------------------------------------------------------------------------
+# timing helpers
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(sides: dict, k: int, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per repeat of each side's `run(k)`, the sides interleaved in a rotating order."""
+    names = list(sides)
+    for name in names:  # warm-up: first-call allocations, kernel selection, lazy inits
+        sides[name](1)
+    seconds = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            tick = time.perf_counter()
+            sides[name](k)
+            sync(device)
+            seconds[name].append(time.perf_counter() - tick)
+    return seconds
+
+
+def median(values) -> float:
+    """Median of a non-empty sequence."""
+    return statistics.median(list(values))
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a[r] / b[r]: a within-run ratio, robust to drift between repeats."""
+    return median(x / y for x, y in zip(a, b))
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+# -----------------------------------------------------------------------------
+# data: real SuperGLUE examples and the batches the library would form
+
+
+_examples: dict[str, list] = {}
+
+
+def train_examples(name: str) -> list:
+    """The full official training split of a task (cached)."""
+    if name not in _examples:
+        _examples[name] = load_task_data(name, SUPERGLUE).train
+    return _examples[name]
+
+
+def random_batches(n: int, size: int) -> list[list[int]]:
+    """Seeded shuffled batches, the plain way (each padded to its longest sequence)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED)).tolist()
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def buckets(features: list, size: int) -> list[list[int]]:
+    """The library's seeded length-bucketed batch order (what `train_task` trains on)."""
+    return length_batches(features, size, torch.Generator().manual_seed(SEED))
+
+
+def bucketed(backbone, examples: list, sizes: Sizes) -> tuple[list, list[list[int]]]:
+    """Features at n=10 and the first `sizes.batches` of the library's length-bucketed batches."""
+    features = backbone.featurize(examples, sizes.max_length - N_TOKENS)
+    return features, buckets(features, sizes.batch)[: sizes.batches]
+
+
+def rte_sample(sizes: Sizes) -> list:
+    """A fixed random sample of RTE training examples, `sizes.batches` batches' worth (section 4)."""
+    examples = train_examples("RTE")
+    return [examples[i] for i in sorted(random.Random(SEED).sample(range(len(examples)), sizes.batches * sizes.batch))]
+
+
+# -----------------------------------------------------------------------------
+# our training step: exactly what `learner.train_task` does per step
+
+
+def make_learner(backbone, task, method: str = "rpt", n_tokens: int = N_TOKENS):
+    """A fresh prompt (P and Φ), head and AdamW optimizer, built as `train_task` builds them."""
+    cfg = TrainConfig(seed=SEED)
+    prompt = build_prompt(backbone, PromptConfig(method=method, n_tokens=n_tokens), cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = backbone.new_head(task)
+    groups = [{"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
+    return prompt, head, torch.optim.AdamW(groups, eps=1e-8)
+
+
+def train_step(backbone, learner, batch_features: list, bf16: bool) -> bool:
+    """collate → loss(Φ(P), head) → backward → AdamW step; False if the loss was not finite."""
+    prompt, head, optimizer = learner
+    prompt.train()
+    if head is not None:
+        head.train()
+    batch = backbone.collate(batch_features)
+    with autocast(backbone, bf16):
+        loss = backbone.loss(prompt(), head, batch)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):  # train_task drops such a step
+        return False
+    loss.backward()
+    optimizer.step()
+    return True
+
+
+def our_side(backbone, learner, features: list, batches: list[list[int]], bf16: bool):
+    """A side for `alternate`: run(k) trains on the first k batches and returns the skipped steps."""
+    def run(k: int) -> int:
+        return sum(not train_step(backbone, learner, [features[i] for i in ids], bf16) for ids in batches[:k])
+    return run
+
+
+def step_flops(backbone, task, batch_features: list) -> tuple[float, float]:
+    """Forward and backward FLOPs of one training step on this batch, counted by FlopCounterMode.
+
+    The counter sees every matmul (the frozen linear layers' backward computes only input
+    gradients, no weight gradients), but not CPU SDPA attention: where no SDPA op was counted
+    on an encoder, the attention matmuls are added analytically (QKᵀ and PV: 4·S·T²·d per
+    layer forward, twice that backward, since both operands of each need a gradient).
+    """
+    prompt, head, _ = make_learner(backbone, task)
+    batch = backbone.collate(batch_features)
+    with FlopCounterMode(display=False) as forward:
+        loss = backbone.loss(prompt(), head, batch)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    fwd, bwd = forward.get_total_flops(), backward.get_total_flops()
+    counted = " ".join(str(op) for op in forward.get_flop_counts().get("Global", {}))
+    if backbone.family == "encoder" and "scaled_dot_product" not in counted:
+        cfg = backbone.model.config
+        s, t = batch["input_ids"].shape
+        attention = cfg.num_hidden_layers * 4 * s * (t + N_TOKENS) ** 2 * cfg.hidden_size
+        fwd, bwd = fwd + attention, bwd + 2 * attention
+    return float(fwd), float(bwd)
+
+
+# -----------------------------------------------------------------------------
+# 1. matmul peak
+
+
+def matmul_peak(device: torch.device, sizes: tuple, repeats: int) -> tuple[dict, list[str]]:
+    """GFLOP/s of torch.matmul on square fp32 and bf16 matrices; the peak is the best size."""
+    sides, flops = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            tick = time.perf_counter()
+            torch.matmul(a, b)
+            sync(device)
+            calls = max(1, int(0.2 / max(time.perf_counter() - tick, 1e-6)))  # ~0.2 s per timing
+            name = f"{str(dtype).split('.')[-1]} {n}"
+            sides[name] = lambda k, a=a, b=b, calls=calls: [torch.matmul(a, b) for _ in range(calls)]
+            flops[name] = 2 * n**3 * calls
+    seconds = alternate(sides, 1, repeats, device)
+    gflops = {name: flops[name] / median(seconds[name]) / 1e9 for name in sides}
+    peak = {dt: max(v for k, v in gflops.items() if k.startswith(dt)) for dt in ("float32", "bfloat16")}
+    md = table(["dtype, size", "GFLOP/s (median)"], [[k, f"{v:.1f}"] for k, v in gflops.items()])
+    md += ["", f"Peak: **fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s** "
+           f"(best size; each timing is ~0.2 s of back-to-back matmuls on {device})."]
+    return {"gflops": gflops, "peak_gflops": peak, "seconds": seconds}, md
+
+
+# -----------------------------------------------------------------------------
+# 2. training throughput and FLOP/s
+
+
+def training_throughput(backbone, sizes: Sizes, peak: dict | None) -> tuple[dict, list[str]]:
+    """Examples/s and FLOP/s of the library's training step on real batches, fp32 and bf16."""
+    sides, work = {}, {}
+    for name in TRAIN_TASKS:
+        task = get_task(name)
+        features, batches = bucketed(backbone, train_examples(name), sizes)
+        flops = [step_flops(backbone, task, [features[i] for i in ids]) for ids in batches]
+        shapes = [tuple(backbone.collate([features[i] for i in ids])["input_ids"].shape) for ids in batches]
+        work[name] = {"examples": sum(map(len, batches)), "flops": sum(f + b for f, b in flops),
+                      "backward_over_forward": sum(b for _, b in flops) / sum(f for f, _ in flops),
+                      "input_shapes": shapes}
+        for bf16 in (False, True):
+            side = our_side(backbone, make_learner(backbone, task), features, batches, bf16)
+            sides[f"{name} {'bf16' if bf16 else 'fp32'}"] = side
+    seconds = alternate(sides, sizes.batches, sizes.repeats, backbone.device)
+    results, rows = {}, []
+    for name in TRAIN_TASKS:
+        w = work[name]
+        for dt in ("fp32", "bf16"):
+            t = median(seconds[f"{name} {dt}"])
+            gflops = w["flops"] / t / 1e9
+            share = gflops / peak["float32" if dt == "fp32" else "bfloat16"] if peak else None
+            results[f"{name} {dt}"] = {"examples_per_s": w["examples"] / t, "gflops": gflops, "peak_share": share,
+                                       "seconds": seconds[f"{name} {dt}"]}
+            rows.append([name, dt, f"{w['examples'] / t:.1f}", f"{gflops:.1f}", f"{share:.0%}" if share else "n/a",
+                         f"{w['flops'] / w['examples'] / 1e9:.2f}"])
+        speedup = paired_ratio(seconds[f"{name} fp32"], seconds[f"{name} bf16"])
+        results[f"{name} bf16 speedup"] = speedup
+        rows[-1].append(f"{speedup:.2f}×")
+        rows[-2].append("")
+    md = table(["task", "dtype", "examples/s", "GFLOP/s", "share of peak", "GFLOP/example", "bf16 speedup"], rows)
+    ratio = median(w["backward_over_forward"] for w in work.values())
+    md += ["", f"{sizes.batches} batches of {sizes.batch} per side and repeat: the first batches of the library's seeded "
+           f"length-bucketed order over each task's full training split (max_length {sizes.max_length}, rpt n={N_TOKENS}). "
+           "A step is `collate` → `loss(Φ(P), head)` under autocast → backward → AdamW, as in `train_task`. "
+           "FLOPs per step: FlopCounterMode on one step of each real padded batch; it does not see CPU SDPA, so on "
+           "an encoder the attention matmuls are added analytically (QKᵀ and PV, 4·S·T²·d per layer forward, twice "
+           f"that backward). Measured backward/forward = {ratio:.2f}: the backbone is frozen, so its backward computes "
+           "activation gradients only, no weight gradients (≈ 1× forward, not 2×). GFLOP/s counts padding as "
+           "computed. Share of peak: against section 1's fp32 or bf16 matmul peak."]
+    return {"tasks": results, "work": work}, md
+
+
+# -----------------------------------------------------------------------------
+# 3. padding share
+
+
+def padding_share(features: list, batches: list[list[int]]) -> float:
+    """Padded tokens / computed tokens (prompt included) when each batch pads to its longest sequence."""
+    computed = real = 0
+    for ids in batches:
+        lengths = [len(seq) + N_TOKENS for i in ids for seq in features[i].ids]
+        computed += max(lengths) * len(lengths)
+        real += sum(lengths)
+    return 1 - real / computed
+
+
+def padding(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """Padding share of random batches vs the library's length buckets, on whole training splits."""
+    sources = [(name, "SuperGLUE train", None) for name in PADDING_TASKS]
+    sources += [(name, "FewGLUE 32-shot train", FEWGLUE / name / "train.jsonl") for name in FEWSHOT_TASKS]
+    results, rows = {}, []
+    for name, origin, path in sources:
+        examples = train_examples(name) if path is None else read_jsonl(get_task(name), path)
+        if sizes.padding_cap:
+            examples = examples[: sizes.padding_cap]
+        features = backbone.featurize(examples, sizes.max_length - N_TOKENS)
+        shuffled = padding_share(features, random_batches(len(features), sizes.batch))
+        bucket = padding_share(features, buckets(features, sizes.batch))
+        sequences = [len(seq) for f in features for seq in f.ids]
+        results[name] = {"origin": origin, "examples": len(features), "sequences": len(sequences),
+                         "mean_tokens": sum(sequences) / len(sequences), "random": shuffled, "bucketed": bucket}
+        rows.append([name, origin, len(features), len(sequences), f"{sum(sequences) / len(sequences):.0f}",
+                     f"{shuffled:.0%}", f"{bucket:.1%}"])
+    md = table(["task", "split", "examples", "sequences", "mean tokens", "padding, random batches",
+                "padding, length buckets"], rows)
+    md += ["", f"Padded tokens / computed tokens, batch {sizes.batch}, n={N_TOKENS} prompt tokens counted as computed, "
+           f"sequences truncated at {sizes.max_length - N_TOKENS}; a choice task pads all its pairs together. "
+           "BoolQ has no official train file here and ReCoRD neither a train nor a val file, so `load_task_data` "
+           "cannot load them: both are measured on FewGLUE's 32-example train files (read with `read_jsonl`), "
+           "i.e. on two batches only."]
+    return results, md
+
+
+# -----------------------------------------------------------------------------
+# 4. against the peft package
+
+
+OURS = {  # side name: (method, bf16, length buckets)
+    "ours: rpt, bf16, buckets (default)": ("rpt", True, True),
+    "ours: rpt, fp32, buckets": ("rpt", False, True),
+    "ours: rpt, fp32, random batches": ("rpt", False, False),
+    "ours: pt, fp32, random batches": ("pt", False, False),
+}
+PEFT = "peft: pt, fp32, random batches"
+
+
+def peft_model(backbone):
+    """`peft` prompt tuning (n=10, random init) on a separate copy of the same frozen weights."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    if backbone.family == "encoder":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(backbone.name), num_labels=2)
+        task_type = TaskType.SEQ_CLS
+    else:  # the random T5 of section 8: an identical copy of its weights
+        model = type(backbone.model)(backbone.model.config)
+        model.load_state_dict(backbone.model.state_dict())
+        task_type = TaskType.SEQ_2_SEQ_LM
+    torch.manual_seed(SEED)
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=N_TOKENS, prompt_tuning_init=PromptTuningInit.RANDOM)
+    return get_peft_model(model, config).to(backbone.device)
+
+
+def peft_side(backbone, model, examples: list, batches: list[list[int]], max_tokens: int):
+    """A side for `alternate` that trains `model` the way peft's docs do: pre-tokenised data,
+    a padding collator per batch, model.train() (dropout on), AdamW on the trainable parameters."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    tok = backbone.tokenizer
+    if backbone.family == "encoder":
+        rows = [{**tok(*ex.pairs[0], truncation=True, max_length=max_tokens), "labels": ex.label} for ex in examples]
+        collator = DataCollatorWithPadding(tok)
+    else:
+        rows = [{**tok(ex.source, truncation=True, max_length=max_tokens),
+                 "labels": tok(ex.candidates[ex.label], truncation=True, max_length=max_tokens)["input_ids"]}
+                for ex in examples]
+        collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "prompt_encoder" in n], "lr": 0.3, "weight_decay": 1e-5}]
+    rest = [p for n, p in named if "prompt_encoder" not in n]  # the classifier, on an encoder
+    if rest:
+        groups.append({"params": rest, "lr": 1e-3, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, eps=1e-8)
+
+    def run(k: int) -> int:
+        model.train()
+        for ids in batches[:k]:
+            batch = collator([rows[i] for i in ids]).to(backbone.device)
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return 0
+    return run
+
+
+def comparison_side(name: str, backbone, examples: list, sizes: Sizes):
+    """Build one side of section 4 on the fixed RTE sample."""
+    max_tokens = sizes.max_length - N_TOKENS
+    shuffled = random_batches(len(examples), sizes.batch)
+    if name == PEFT:
+        return peft_side(backbone, peft_model(backbone), examples, shuffled, max_tokens)
+    method, bf16, bucketed_batches = OURS[name]
+    features = backbone.featurize(examples, max_tokens)
+    batches = buckets(features, sizes.batch) if bucketed_batches else shuffled
+    return our_side(backbone, make_learner(backbone, get_task("RTE"), method), features, batches, bf16)
+
+
+def rss_kib(field: str) -> int:
+    """VmRSS (current) or VmHWM (peak since the last reset) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(side: str, sizes: Sizes) -> dict:
+    """In a fresh process: set one side up, then its peak RSS growth over one pass of its batches."""
+    backbone = load_backbone("embedded")
+    run = comparison_side(side, backbone, rte_sample(sizes), sizes)
+    if side == PEFT:  # peft trains its own copy of the weights; free ours so RSS counts one model
+        backbone.model = None
+        gc.collect()
+    baseline = rss_kib("VmRSS")
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, so setup's transient peak is not counted
+        Path("/proc/self/clear_refs").write_text("5")
+        how = "VmHWM after clear_refs"
+    except OSError:
+        how = "ru_maxrss (includes setup peaks)"
+    run(sizes.batches)
+    peak = rss_kib("VmHWM") if how.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rss_after_setup_mib": baseline / 1024, "peak_growth_mib": (peak - baseline) / 1024,
+            "peak_rss_mib": peak / 1024, "how": how}
+
+
+def compare_peft(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
+    """Our training step against peft's prompt tuning: same examples, n, batch size and optimizer."""
+    examples = rte_sample(sizes)
+    names = [*OURS, PEFT]
+    sides = {name: comparison_side(name, backbone, examples, sizes) for name in names}
+    seconds = alternate(sides, sizes.batches, sizes.repeats, backbone.device)
+    n_examples = len(examples)
+    memory = {}
+    if backbone.device.type == "cuda":  # allocator statistics are exact per side on a GPU
+        for name in names:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            sides[name](sizes.batches)
+            torch.cuda.synchronize()
+            memory[name] = {"peak_growth_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                            "how": "torch.cuda.max_memory_allocated growth"}
+    elif backbone.device.type == "cpu" and backbone.family == "encoder":
+        for name in [names[0], PEFT, *names[1:-1]][: sizes.memory_sides]:
+            command = [sys.executable, __file__, "--child", "memory", "--side", name] + (["--quick"] if args.quick else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env())
+            memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    results, rows = {}, []
+    for name in names:
+        t = median(seconds[name])
+        ratio = paired_ratio(seconds[PEFT], seconds[name])
+        mem = memory.get(name, {})
+        results[name] = {"examples_per_s": n_examples / t, "speedup_over_peft": ratio, "seconds": seconds[name], **mem}
+        rows.append([name, f"{n_examples / t:.1f}", f"{ratio:.2f}×",
+                     f"{mem['peak_growth_mib']:.0f}" if mem else "n/a",
+                     f"{mem['rss_after_setup_mib']:.0f}" if "rss_after_setup_mib" in mem else "n/a"])
+    md = table(["side", "examples/s", "speed vs peft", "peak memory growth while training, MiB",
+                "RSS after setup, MiB"], rows)
+    how = next(iter(memory.values()), {}).get("how", "")
+    md += ["", f"RTE, a fixed sample of {n_examples} training examples, batch {sizes.batch}, n={N_TOKENS}, sequences truncated "
+           f"at {sizes.max_length - N_TOKENS} tokens on every side (so all sides see the same tokens), AdamW (lr 0.3 on "
+           "the prompt, 1e-3 on the head/classifier, eps 1e-8, weight decay 1e-5 on the prompt). peft: "
+           "`PromptTuningConfig(SEQ_CLS, num_virtual_tokens=10, RANDOM)` on `AutoModelForSequenceClassification` of the "
+           "same weights (seq2seq LM on T5), run as its docs do: fp32, `model.train()` (dropout on), pre-tokenised "
+           "examples, a padding collator per batch. 'speed vs peft' is the median over repeats of "
+           "t(peft)/t(side). Read the rows top-down: random → buckets is bucketing, fp32 → bf16 is autocast, "
+           "peft → ours pt fp32 random is the implementation alone, pt → rpt the cost of Φ."]
+    if how.startswith("VmHWM"):
+        md += ["", "Memory: each side in a fresh process; growth = peak RSS during one pass over the batches "
+               "(VmHWM, reset via /proc/self/clear_refs after setup) − RSS after setup (model loaded, data tokenised, "
+               "optimizer built). It includes allocator caches and oneDNN scratch, not just tensors."]
+    elif how:
+        md += ["", f"Memory: {how}."]
+    return results, md
+
+
+# -----------------------------------------------------------------------------
+# 5. cost of Φ during training
+
+
+def phi_cost(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """rpt vs pt training step on the same batches (bf16 default path), and Φ alone."""
+    task = get_task("RTE")
+    features, batches = bucketed(backbone, train_examples("RTE"), sizes)
+    sides = {m: our_side(backbone, make_learner(backbone, task, m), features, batches, True) for m in ("rpt", "pt")}
+    seconds = alternate(sides, sizes.batches, sizes.repeats, backbone.device)
+    overhead = paired_ratio(seconds["rpt"], seconds["pt"]) - 1
+    prompt = make_learner(backbone, task, "rpt")[0]
+    calls = 200
+    tick = time.perf_counter()
+    for _ in range(calls):  # Φ(P) forward and backward alone, outside autocast as in collapse()
+        prompt().sum().backward()
+    phi_ms = (time.perf_counter() - tick) / calls * 1e3
+    step_ms = {m: median(seconds[m]) / sizes.batches * 1e3 for m in seconds}
+    md = table(["method", "ms per step (median)"], [[m, f"{v:.0f}"] for m, v in step_ms.items()])
+    md += ["", f"Φ's overhead: **{overhead:+.1%} of a pt step** (median of within-repeat ratios); Φ(P) forward + "
+           f"backward alone takes {phi_ms:.2f} ms (n={N_TOKENS}, m=400, d={backbone.width}, fp32), "
+           f"{phi_ms / step_ms['pt']:.1%} of a pt step. RTE, {sizes.batches} length-bucketed batches, bf16."]
+    return {"step_ms": step_ms, "overhead": overhead, "phi_ms": phi_ms, "seconds": seconds}, md
+
+
+# -----------------------------------------------------------------------------
+# 6. inference with collapsed prompts, and prompt length
+
+
+def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """Collapsed rpt vs pt at n=10 (inference), and n=10 vs n=100 (training and inference)."""
+    task = get_task("RTE")
+    data = load_task_data("RTE", SUPERGLUE)
+    evaluate = (data.dev + data.test)[: sizes.infer_examples]
+    _, batches = bucketed(backbone, train_examples("RTE"), sizes)
+    train_sides, infer_sides = {}, {}
+    for n in (N_TOKENS, 100):
+        max_tokens = sizes.max_length - n  # the library truncates the input to leave room for the prompt
+        features = backbone.featurize(train_examples("RTE"), max_tokens)
+        learner = make_learner(backbone, task, "rpt", n)
+        train_sides[f"rpt n={n}"] = our_side(backbone, learner, features, batches, True)
+        head = learner[1].eval()
+        eval_features = backbone.featurize(evaluate, max_tokens)
+        prompts = {f"rpt n={n}, collapsed": learner[0].collapse()}
+        if n == N_TOKENS:
+            prompts[f"pt n={n}"] = make_learner(backbone, task, "pt", n)[0].collapse()
+        for name, p in prompts.items():
+            infer_sides[name] = lambda k, p=p, f=eval_features, h=head: predict_features(backbone, p, h, f, 64, True)
+    train_s = alternate(train_sides, sizes.batches, sizes.repeats, backbone.device)
+    infer_s = alternate(infer_sides, 1, sizes.repeats, backbone.device)
+    n_train = sum(map(len, batches))
+    rows = [[name, f"{n_train / median(s):.1f}", ""] for name, s in train_s.items()]
+    rows += [[name, "", f"{len(evaluate) / median(s):.1f}"] for name, s in infer_s.items()]
+    md = table(["side", "training examples/s", "inference examples/s"], rows)
+    infer_ratio = paired_ratio(infer_s[f"rpt n={N_TOKENS}, collapsed"], infer_s[f"pt n={N_TOKENS}"])
+    long_train = paired_ratio(train_s["rpt n=100"], train_s[f"rpt n={N_TOKENS}"])
+    long_infer = paired_ratio(infer_s["rpt n=100, collapsed"], infer_s[f"rpt n={N_TOKENS}, collapsed"])
+    md += ["", f"Time ratios (within-repeat medians): collapsed rpt / pt at n={N_TOKENS} inference **{infer_ratio:.2f}** "
+           f"(both are an [n, d] tensor, so 1.00 up to noise); n=100 / n=10: training {long_train:.2f}, inference "
+           f"{long_infer:.2f}. Training: RTE, {sizes.batches} length-bucketed batches of {sizes.batch}, bf16 (the same examples "
+           f"for both n; with n=100 the library truncates the input at {sizes.max_length - 100} instead of "
+           f"{sizes.max_length - N_TOKENS} tokens). Inference: `predict_features` on {len(evaluate)} RTE validation "
+           "examples, batch 64, bf16, features prepared beforehand."]
+    results = {"train_seconds": train_s, "infer_seconds": infer_s, "train_examples": n_train,
+               "infer_examples": len(evaluate), "collapsed_rpt_over_pt": infer_ratio,
+               "n100_over_n10_train": long_train, "n100_over_n10_infer": long_infer}
+    return results, md
+
+
+# -----------------------------------------------------------------------------
+# 7. bank query latency
+
+
+def make_bank(backbone, folder: Path) -> None:
+    """A bank with one RTE entry (random P′ and head), its metadata built by `run.entry_for`."""
+    task = get_task("RTE")
+    torch.manual_seed(SEED)
+    head = backbone.new_head(task)
+    trained = TrainedTask(prompt=torch.randn(N_TOKENS, backbone.width) * 0.5, head=head.state_dict(),
+                          metrics={"prompt_tokens": N_TOKENS}, history=[])
+    spec = TaskSpec("RTE", "RTE", None, DataConfig(), PromptConfig(), TrainConfig())
+    entry = entry_for(spec, load_task_data("RTE", SUPERGLUE), backbone, BackboneConfig(), trained)
+    PromptBank.open(folder, create=True).add("RTE", entry)
+
+
+def bank_child(folder: str) -> dict:
+    """In a fresh process: load the backbone, open the bank and predict one example, phase by phase."""
+    phases = {"python start → imports done (in-process part)": time.perf_counter() - START}
+    tick = time.perf_counter()
+    backbone = load_backbone("embedded")
+    phases["load_backbone"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    example = read_jsonl(get_task("RTE"), SUPERGLUE / "RTE" / "val.jsonl")[:1]
+    phases["read the input file"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    bank = PromptBank.open(folder)
+    phases["PromptBank.open"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    _ = backbone.fingerprint
+    phases["backbone fingerprint (sha256 of all weights)"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    bank.predict("RTE", example, backbone)
+    phases["bank.predict (get, checks, one example)"] = time.perf_counter() - tick
+    return phases
+
+
+def child_env() -> dict:
+    """The environment for child processes: offline, and the library importable."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def bank_latency(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """Cold (fresh process) and warm (same process) latency of open bank → predict one example."""
+    folder = Path(tempfile.mkdtemp(prefix="crpt-bench-")) / "bank"
+    try:
+        make_bank(backbone, folder)
+        cold_wall, cold_phases = [], []
+        for _ in range(sizes.repeats):
+            tick = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--child", "bank", "--bank", str(folder)],
+                                 capture_output=True, text=True, check=True, env=child_env())
+            cold_wall.append(time.perf_counter() - tick)
+            cold_phases.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        example = read_jsonl(get_task("RTE"), SUPERGLUE / "RTE" / "val.jsonl")[:1]
+        _ = backbone.fingerprint  # computed once per backbone object, as in a long-lived process
+        warm_open, warm_predict = [], []
+        for _ in range(sizes.warm_queries):
+            tick = time.perf_counter()
+            bank = PromptBank.open(folder)
+            middle = time.perf_counter()
+            bank.predict("RTE", example, backbone)
+            warm_open.append(middle - tick)
+            warm_predict.append(time.perf_counter() - middle)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    phases = {name: median(p[name] for p in cold_phases) for name in cold_phases[0]}
+    rows = [["cold: whole process (python, imports, load, query)", f"{median(cold_wall) * 1e3:.0f}"]]
+    rows += [[f"cold: {name}", f"{ms * 1e3:.0f}"] for name, ms in phases.items()]
+    rows += [["warm: PromptBank.open", f"{median(warm_open) * 1e3:.1f}"],
+             ["warm: bank.predict, one example", f"{median(warm_predict) * 1e3:.1f}"]]
+    md = table(["query", "ms (median)"], rows)
+    md += ["", f"One RTE entry (random P′ of shape ({N_TOKENS}, {backbone.width}) and a fresh head; metadata from "
+           f"`run.entry_for`). Cold: a fresh `python` per query, {sizes.repeats} times (the in-process import time "
+           f"counts from the first line of this script); warm: the same process, backbone loaded and fingerprinted "
+           f"once, {sizes.warm_queries} queries. `bank.predict` re-reads and re-checks the entry's files on every call."]
+    return {"cold_wall_s": cold_wall, "cold_phases_s": phases, "warm_open_s": warm_open,
+            "warm_predict_s": warm_predict}, md
+
+
+# -----------------------------------------------------------------------------
+# 8. GPU: sections 1, 2 and 4 with a T5-Base-sized random T5
+
+
+def t5_backbone(sizes: Sizes, device: str):
+    """A randomly initialised T5 of T5-Base's shape behind the library's Seq2SeqBackbone."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from continual_rpt.backbones import Seq2SeqBackbone
+
+    d_model, d_ff, layers, heads, d_kv = sizes.t5
+    config = T5Config(vocab_size=32128, d_model=d_model, d_ff=d_ff, num_layers=layers, num_heads=heads, d_kv=d_kv,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(SEED)
+    # The embedded BERT tokenizer's ids (< 30522) all fit T5's 32128-row vocabulary; no clipping needed.
+    tokenizer = load_backbone("embedded").tokenizer
+    return Seq2SeqBackbone(f"random T5 {sizes.t5}", T5ForConditionalGeneration(config), tokenizer, device)
+
+
+def gpu_sections(sizes: Sizes, device: str, args) -> tuple[dict, list[str]]:
+    """Sections 1, 2 and 4 on `device` with the T5 model."""
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    mm, mm_md = matmul_peak(torch.device(device), sizes.gpu_matmul, sizes.repeats)
+    backbone = t5_backbone(sizes, device)
+    train, train_md = training_throughput(backbone, sizes, mm["peak_gflops"])
+    peft, peft_md = compare_peft(backbone, sizes, args)
+    md = [f"Device: {name}; model: random T5, d_model, d_ff, layers, heads, d_kv = {sizes.t5}, vocabulary 32128, "
+          "embedded BERT tokenizer. FLOPs of T5 are all counted by FlopCounterMode (its attention is plain matmuls).",
+          "", "### 8.1 matmul peak", "", *mm_md, "", "### 8.2 training throughput", "", *train_md,
+          "", "### 8.4 against peft", "", *peft_md]
+    return {"device": name, "matmul": mm, "training": train, "peft": peft}, md
+
+
+# -----------------------------------------------------------------------------
+# the run: environment, sections, and the report
+
+
+def environment(args) -> dict:
+    """Date, machine, versions and command of this run."""
+    import peft
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "command": "HF_HUB_OFFLINE=1 python " + " ".join(sys.argv),
+        "seeds": f"{SEED} (prompt and head init, data order, RTE sample)",
+        "quick": args.quick,
+    }
+
+
+TITLES = {
+    "1": "Matmul peak", "2": "Training throughput and FLOP/s", "3": "Padding share",
+    "4": "Against the peft package", "5": "Cost of Φ during training",
+    "6": "Inference with collapsed prompts; prompt length", "7": "Bank query latency",
+    "8": "GPU: T5-Base-sized model",
+}
+
+
+def write_report(out: Path, report: dict) -> None:
+    """performance.json (raw numbers) and performance.md (the tables) from the merged report."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "performance.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    env = report["environment"]
+    lines = ["# continual-rpt performance", ""]
+    if env["quick"]:
+        lines += ["**QUICK RUN: tiny sizes to check the script; the numbers mean nothing.**", ""]
+    lines += [f"- date: {env['date']}", f"- machine: {env['cpu']}, {env['cores']} cores ({env['cores_usable']} usable), "
+              f"torch threads {env['torch_threads']}, load average at start {' '.join(env['load_average_at_start'])}",
+              f"- versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+              f"peft {env['peft']}", f"- command: `{env['command']}`", f"- seeds: {env['seeds']}",
+              "- each figure is the median over repeats; each ratio the median of within-repeat ratios", ""]
+    for key in sorted(report["sections"]):
+        section = report["sections"][key]
+        lines += [f"## {key}. {TITLES[key]}", ""]
+        if section["environment"]["date"] != env["date"] or section["environment"]["quick"]:
+            lines += [f"_measured {section['environment']['date']} by `{section['environment']['command']}`_", ""]
+        lines += section["markdown"] + [""]
+    (out / "performance.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    """Parse the options, run the chosen sections and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per section), to check the script")
+    parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
+    parser.add_argument("--t5-device", default="cuda", help="device of section 8 (cpu only to test its code path)")
+    parser.add_argument("--child", choices=["memory", "bank"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--bank", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = dataclasses.replace(QUICK if args.quick else Sizes(), **({"repeats": args.repeats} if args.repeats else {}))
+    if args.child == "memory":
+        print(json.dumps(memory_child(args.side, sizes)))
+        return
+    if args.child == "bank":
+        print(json.dumps(bank_child(args.bank)))
+        return
+
+    env = environment(args)
+    path = args.out / "performance.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"sections": {}}
+    report["environment"] = env
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(TITLES))
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-8")
+    backbone = load_backbone("embedded")
+    started = time.perf_counter()
+    for key in sorted(wanted):
+        tick = time.perf_counter()
+        print(f"== {key}. {TITLES[key]}", flush=True)
+        if key == "1":
+            numbers, md = matmul_peak(torch.device("cpu"), sizes.matmul, sizes.repeats)
+        elif key == "2":
+            peak = report["sections"].get("1", {}).get("numbers", {}).get("peak_gflops")
+            numbers, md = training_throughput(backbone, sizes, peak)
+        elif key == "3":
+            numbers, md = padding(backbone, sizes)
+        elif key == "4":
+            numbers, md = compare_peft(backbone, sizes, args)
+        elif key == "5":
+            numbers, md = phi_cost(backbone, sizes)
+        elif key == "6":
+            numbers, md = inference_and_length(backbone, sizes)
+        elif key == "7":
+            numbers, md = bank_latency(backbone, sizes)
+        elif args.t5_device != "cuda" or torch.cuda.is_available():
+            numbers, md = gpu_sections(sizes, args.t5_device, args)
+        else:
+            numbers, md = {"gpu": None}, ["No GPU was available for this run."]
+        numbers["section_seconds"] = time.perf_counter() - tick
+        report["sections"][key] = {"numbers": numbers, "markdown": md, "environment": env}
+        print("\n".join(md), f"\n({numbers['section_seconds']:.0f} s)\n", flush=True)
+        write_report(args.out, report)  # after every section, so an interrupted run keeps what it measured
+    env["load_average_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    env["total_seconds"] = time.perf_counter() - started
+    write_report(args.out, report)
+    print(f"wrote {args.out / 'performance.md'} ({env['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
