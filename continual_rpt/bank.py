@@ -237,9 +237,15 @@ class PromptBank:
             raise BankError(f"{where}: entry was trained on backbone {stored.get('name')!r} with other weights "
                             f"(fingerprint {stored['fingerprint'][:12]}…, this one {backbone.fingerprint[:12]}…)")
         task = task_from_meta(entry.meta, where)
-        prompt = entry.prompt.to(backbone.device) if entry.prompt is not None else None
+        prompt = entry.prompt
         if prompt is not None and (prompt.dim() != 2 or prompt.shape[1] != backbone.width):
             raise BankError(f"{self.path / name / PROMPT_FILE}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width})")
+        context = entry.meta.get("context") or []
+        if not isinstance(context, list) or name in context:
+            raise BankError(f"{where}: field 'context' must list other entries of this bank")
+        if context:  # Progressive Prompts: the entry's own prompt, then the earlier tasks' prompts
+            prompt = torch.cat([prompt, *(self.get(other).prompt for other in context)])
+        prompt = prompt.to(backbone.device) if prompt is not None else None
         head = None
         if entry.head is not None:
             head = backbone.new_head(task)

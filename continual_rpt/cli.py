@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The `crpt` argument parser."""
     from continual_rpt.backbones import BackboneConfig
     from continual_rpt.learner import TrainConfig
-    from continual_rpt.prompts import METHODS, PromptConfig
+    from continual_rpt.prompts import PromptConfig
+    from continual_rpt.strategies import METHODS as STRATEGY_METHODS
     from continual_rpt.streams import DataConfig
 
     parser = argparse.ArgumentParser(prog="crpt", description="Continual learning with residual prompt tuning.")
@@ -52,12 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stream", type=Path, help="stream file (YAML), e.g. streams/superglue-cpu.yaml")
     run.add_argument("--out", required=True, type=Path, help="run folder: bank, accuracy matrix, metrics, log")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    run.add_argument("--method", choices=METHODS, help="override every task's method")
+    run.add_argument("--method", choices=list(STRATEGY_METHODS), help="run this method on every task (a prompt method, a strategy, or an Avalanche baseline)")
     run.add_argument("--seed", type=int, help="override every task's seed")
     run.add_argument("--data-dir", help="override every task's SuperGLUE data folder")
     run.add_argument("--backbone", help="override the stream's backbone (hub id or folder)")
     run.add_argument("--device", help="override the torch device, e.g. cuda")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+
+    compare = commands.add_parser("compare", help="compare finished runs of one stream: table (mean ± std over seeds) and plots")
+    compare.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.json), e.g. runs/cpu-rpt-*")
+    compare.add_argument("--out", required=True, type=Path, help="folder for comparison.csv, comparison.md and the PNG plots")
 
     bank = commands.add_parser("bank", help="query a prompt bank")
     bank_commands = bank.add_subparsers(dest="bank_command", required=True)
@@ -111,12 +116,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Learn a stream into a bank and print the summary table."""
     from continual_rpt.run import run_stream, summary_table
+    from continual_rpt.strategies import with_method
     from continual_rpt.streams import load_stream
 
     stream = load_stream(args.stream)
+    if args.method:
+        stream = with_method(stream, args.method)
     for spec in stream.tasks:
-        if args.method:
-            spec.prompt = dataclasses.replace(spec.prompt, method=args.method)
         if args.seed is not None:
             spec.train = dataclasses.replace(spec.train, seed=args.seed)
         if args.data_dir:
@@ -177,11 +183,18 @@ def predict_file(bank, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """`crpt compare RUN... --out DIR` (pandas and matplotlib load only here)."""
+    from continual_rpt import report
+
+    return report.command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crpt` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank}[args.command](args)
+        return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank, "compare": cmd_compare}[args.command](args)
     except (ValueError, OSError) as err:
         print(f"crpt: error: {err}", file=sys.stderr)
         return 2

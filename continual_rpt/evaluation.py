@@ -90,18 +90,18 @@ def average_score(R: list[list[float | None]]) -> float:
 
 
 def forgetting(R: list[list[float | None]]) -> float | None:
-    """Chaudhry et al. (2018): mean over j < T-1 of max_{l<T-1} R[l][j] − R[T-1][j]; None for one task."""
+    """Chaudhry et al. (2018): mean over j < T-1 of max_{l<T-1} R[l][j] − R[T-1][j]; None if undefined."""
     T = len(R)
-    if T < 2:
-        return None
+    if T < 2 or any(R[l][j] is None for j in range(T - 1) for l in range(j, T)):
+        return None  # one task, or a method that is not evaluated along the stream (multitask)
     drops = [max(R[l][j] for l in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)]
     return sum(drops) / len(drops)
 
 
 def backward_transfer(R: list[list[float | None]]) -> float | None:
-    """Lopez-Paz & Ranzato (2017): mean over j < T-1 of R[T-1][j] − R[j][j]; None for one task."""
+    """Lopez-Paz & Ranzato (2017): mean over j < T-1 of R[T-1][j] − R[j][j]; None if undefined."""
     T = len(R)
-    if T < 2:
+    if T < 2 or any(R[j][j] is None for j in range(T)):
         return None
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
 

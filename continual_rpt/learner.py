@@ -1,7 +1,10 @@
-"""Train one task: P and Φ (and an encoder's head) on a frozen backbone, early-stopped on dev.
+"""Train P and Φ (and an encoder's per-task heads) on a frozen backbone, early-stopped on dev.
 
-The result is what a bank stores: the collapsed prompt P′ = Φ(P) of the best dev evaluation,
-the head at that point, and the run's metrics. Φ itself is thrown away.
+`train_task` trains one task; its result is what a bank stores: the collapsed prompt P′ = Φ(P) of
+the best dev evaluation, the head at that point, and the metrics. Φ itself is thrown away.
+`train_joint` trains one prompt on several tasks at once (the multitask upper bound). Both run
+the same loop: length-bucketed batches (one task per batch), bf16 autocast, AdamW, a dev
+evaluation per epoch (or every `eval_every` steps), non-finite steps dropped, best state kept.
 """
 
 from __future__ import annotations
@@ -69,71 +72,115 @@ def build_prompt(backbone: Backbone, cfg: PromptConfig, seed: int) -> ResidualPr
 
 
 def train_task(
-    backbone: Backbone, data: TaskData, prompt_cfg: PromptConfig, cfg: TrainConfig, progress: bool = False
+    backbone: Backbone,
+    data: TaskData,
+    prompt_cfg: PromptConfig,
+    cfg: TrainConfig,
+    progress: bool = False,
+    *,
+    prompt: ResidualPrompt | None = None,
+    context: Tensor | None = None,
 ) -> TrainedTask:
-    """Train one task and return the collapsed best-on-dev prompt, its head and the metrics."""
-    task = data.task
-    if not data.train or not data.dev:
-        raise ValueError(f"{task.name}: train and dev splits must both be non-empty")
+    """Train one task and return the collapsed best-on-dev prompt, its head and the metrics.
+
+    `prompt`: keep training this P and Φ instead of fresh ones (a prompt shared across tasks); it
+    is left in its best-on-dev state. `context`: frozen collapsed prompts [c, d] that follow the
+    trainable one in the input, as Progressive Prompts puts earlier tasks' prompts.
+    """
+    results = _fit(backbone, [data], prompt_cfg, cfg, progress, prompt, context)
+    return results[0]
+
+
+def train_joint(
+    backbone: Backbone, datas: list[TaskData], prompt_cfg: PromptConfig, cfg: TrainConfig, progress: bool = False
+) -> tuple[ResidualPrompt | None, list[TrainedTask]]:
+    """Train one prompt (and a head per task) on all tasks at once; early-stop on the mean dev score."""
     prompt = build_prompt(backbone, prompt_cfg, cfg.seed) if prompt_cfg.uses_prompt else None
+    return prompt, _fit(backbone, datas, prompt_cfg, cfg, progress, prompt, None)
+
+
+def _fit(
+    backbone: Backbone,
+    datas: list[TaskData],
+    prompt_cfg: PromptConfig,
+    cfg: TrainConfig,
+    progress: bool,
+    prompt: ResidualPrompt | None,
+    context: Tensor | None,
+) -> list[TrainedTask]:
+    """The training loop shared by `train_task` (one task) and `train_joint` (several)."""
+    for data in datas:
+        if not data.train or not data.dev:
+            raise ValueError(f"{data.task.name}: train and dev splits must both be non-empty")
+    if prompt is None and prompt_cfg.uses_prompt:
+        prompt = build_prompt(backbone, prompt_cfg, cfg.seed)
     torch.manual_seed(cfg.seed)
-    head = backbone.new_head(task)
-    if prompt is None and head is None:
+    heads = [backbone.new_head(data.task) for data in datas]
+    if prompt is None and heads[0] is None:
         raise ValueError(f"method 'head' needs an encoder backbone; {backbone.name} is {backbone.family}")
-    n_tokens = prompt_cfg.n_tokens if prompt is not None else 0
+    n_tokens = prompt.cfg.n_tokens if prompt is not None else 0
+    in_context = n_tokens + (context.shape[0] if context is not None else 0)
     if cfg.max_length > backbone.max_positions:
         raise ValueError(f"max_length: {cfg.max_length} exceeds the backbone's {backbone.max_positions} positions")
-    if cfg.max_length - n_tokens < 8:
-        raise ValueError(f"max_length: {cfg.max_length} leaves no room for the input after {n_tokens} prompt tokens")
+    if cfg.max_length - in_context < 8:
+        raise ValueError(f"max_length: {cfg.max_length} leaves no room for the input after {in_context} prompt tokens")
 
+    def full(own: Tensor | None) -> Tensor | None:
+        return own if context is None else torch.cat([own, context.to(own.device)])
+
+    trainable = [m for m in (prompt, *heads) if m is not None]
     groups = []
     if prompt is not None:
         groups.append({"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
+    head_params = [p for h in heads if h is not None for p in h.parameters()]
+    if head_params:
+        groups.append({"params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, eps=1e-8)
-    trainable = [m for m in (prompt, head) if m is not None]
 
-    max_tokens = cfg.max_length - n_tokens
-    train = backbone.featurize(data.train, max_tokens)
-    dev = backbone.featurize(data.dev, max_tokens)
+    max_tokens = cfg.max_length - in_context
+    train = [backbone.featurize(data.train, max_tokens) for data in datas]
+    dev = [backbone.featurize(data.dev, max_tokens) for data in datas]
     generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = sum(math.ceil(len(t) / cfg.batch_size) for t in train)
+    total_steps = cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
-
     rank, world = distributed.setup()
 
-    def predict_all(collapsed: Tensor | None, features: list[Features]) -> list[int]:
+    def predict_all(t: int, collapsed: Tensor | None, features: list[Features]) -> list[int]:
         mine = distributed.share(list(range(len(features))), rank, world)
-        preds = predict_features(backbone, collapsed, head, [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
+        preds = predict_features(backbone, full(collapsed), heads[t], [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
         merged = distributed.gather(dict(zip(mine, preds)))
         return [merged[i] for i in range(len(features))]
 
-    def dev_score() -> tuple[float, Tensor | None]:
-        collapsed = prompt.collapse() if prompt is not None else None
-        return task.score(data.dev, predict_all(collapsed, dev))["score"], collapsed
+    def snapshot(module: nn.Module | None) -> dict[str, Tensor] | None:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else None
 
-    best = {"score": -math.inf, "prompt": None, "head": None, "step": 0}
+    def epoch_batches() -> list[tuple[int, list[int]]]:
+        batches = [(t, ids) for t, feats in enumerate(train) for ids in length_batches(feats, cfg.batch_size, generator)]
+        return batches if len(datas) == 1 else [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    names = "+".join(d.task.name for d in datas)
+    best: dict = {"score": -math.inf, "step": 0}
     history: list[dict] = []
     step, seen, train_seconds, stale, skipped = 0, 0, 0.0, 0, 0
     running: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{task.name} ({prompt_cfg.method})", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, desc=f"{names} ({prompt_cfg.method})", disable=not progress, leave=False)
     stop = False
     for epoch in range(cfg.epochs):
-        for batch_ids in length_batches(train, cfg.batch_size, generator):
+        for t, batch_ids in epoch_batches():
             tick = time.perf_counter()
-            if prompt is not None:
-                prompt.train()
-            if head is not None:
-                head.train()
+            for module in trainable:
+                module.train()
             local = distributed.share(batch_ids, rank, world)  # all of it when run alone
             optimizer.zero_grad(set_to_none=True)
             loss = None
             if local:
-                batch = backbone.collate([train[i] for i in local])
+                batch = backbone.collate([train[t][i] for i in local])
+                # Φ runs outside autocast: fp32 in training exactly as in collapse(), so P′ is what trained.
+                prompt_in = full(prompt()) if prompt is not None else None
                 with autocast(backbone, cfg.bf16):
-                    loss = backbone.loss(prompt() if prompt is not None else None, head, batch)
+                    loss = backbone.loss(prompt_in, heads[t], batch)
             if distributed.all_true(loss is None or bool(torch.isfinite(loss))):
                 if loss is not None:
                     loss.backward()
@@ -146,15 +193,17 @@ def train_task(
             seen += len(batch_ids)
             train_seconds += time.perf_counter() - tick
             bar.update(1)
-            if step % eval_every == 0 or step == cfg.epochs * steps_per_epoch:
-                score, collapsed = dev_score()
+            if step % eval_every == 0 or step == total_steps:
+                collapsed = prompt.collapse() if prompt is not None else None
+                scores = [d.task.score(d.dev, predict_all(t, collapsed, dev[t]))["score"] for t, d in enumerate(datas)]
+                score = sum(scores) / len(scores)
                 loss_mean = sum(running) / len(running) if running else math.nan
                 history.append({"step": step, "epoch": epoch + 1, "train_loss": loss_mean, "dev_score": score})
                 running = []
                 bar.set_postfix(loss=f"{loss_mean:.3f}", dev=f"{score:.1f}")
                 if score > best["score"] and (collapsed is None or torch.isfinite(collapsed).all()):
-                    best_head = {k: v.detach().clone() for k, v in head.state_dict().items()} if head is not None else None
-                    best = {"score": score, "prompt": collapsed, "head": best_head, "step": step}
+                    best = {"score": score, "scores": scores, "step": step, "collapsed": collapsed,
+                            "prompt": snapshot(prompt), "heads": [snapshot(h) for h in heads]}
                     stale = 0
                 else:
                     stale += 1
@@ -166,28 +215,33 @@ def train_task(
     bar.close()
     wall = time.perf_counter() - start
     if best["step"] == 0:
-        raise RuntimeError(f"{task.name}: no dev evaluation produced a finite prompt (training diverged)")
+        raise RuntimeError(f"{names}: no dev evaluation produced a finite prompt (training diverged)")
 
-    if head is not None:
-        head.load_state_dict(best["head"])
-    test_metrics = {}
-    if data.test:
-        test_metrics = task.score(data.test, predict_all(best["prompt"], backbone.featurize(data.test, max_tokens)))
-    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
-    metrics = {
-        "task": task.name,
-        "method": prompt_cfg.method,
-        "dev_score": best["score"],
-        "test": test_metrics,
-        "test_score": test_metrics.get("score", math.nan),
-        "best_step": best["step"],
-        "steps": step,
-        "skipped_nonfinite_steps": skipped,
-        "prompt_tokens": n_tokens,
-        "trainable_parameters": (prompt.trainable_parameters() if prompt is not None else 0) + head_params,
-        "stored_parameters": (prompt.stored_parameters() if prompt is not None else 0) + head_params,
-        "train_examples": len(train),
-        "wall_seconds": wall,
-        "train_examples_per_second": seen / train_seconds if train_seconds else math.nan,
-    }
-    return TrainedTask(prompt=best["prompt"], head=best["head"], metrics=metrics, history=history)
+    for module, state in ((prompt, best["prompt"]), *zip(heads, best["heads"])):
+        if module is not None:
+            module.load_state_dict(state)
+    results = []
+    for t, data in enumerate(datas):
+        test = {}
+        if data.test:
+            test = data.task.score(data.test, predict_all(t, best["collapsed"], backbone.featurize(data.test, max_tokens)))
+        n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0
+        metrics = {
+            "task": data.task.name,
+            "method": prompt_cfg.method,
+            "dev_score": best["scores"][t],
+            "test": test,
+            "test_score": test.get("score", math.nan),
+            "best_step": best["step"],
+            "steps": step,
+            "skipped_nonfinite_steps": skipped,
+            "prompt_tokens": n_tokens,
+            "prompt_tokens_in_context": in_context,
+            "trainable_parameters": (prompt.trainable_parameters() if prompt is not None else 0) + n_head,
+            "stored_parameters": (prompt.stored_parameters() if prompt is not None else 0) + n_head,
+            "train_examples": len(train[t]),
+            "wall_seconds": wall,
+            "train_examples_per_second": seen / train_seconds if train_seconds else math.nan,
+        }
+        results.append(TrainedTask(prompt=best["collapsed"], head=best["heads"][t], metrics=metrics, history=history))
+    return results

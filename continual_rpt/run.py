@@ -27,7 +27,8 @@ from continual_rpt import __version__
 from continual_rpt.backbones import Backbone, BackboneConfig
 from continual_rpt.bank import Entry, PromptBank, replace_json
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting, forward_transfer
-from continual_rpt.learner import TrainedTask, train_task
+from continual_rpt.learner import TrainedTask
+from continual_rpt.strategies import make_strategy, method_label
 from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data
 from continual_rpt.tasks import TaskData
 
@@ -97,6 +98,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
     backbone = stream.backbone.load()
     bank = PromptBank.open(out / BANK_DIR, create=True)
+    strategy = make_strategy(stream, backbone, bank, out)
     data: dict[str, TaskData] = {}
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
@@ -105,20 +107,18 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         if i < len(state["rows"]):
             continue
         start = time.perf_counter()
-        if spec.name not in bank:  # else: stored before an interruption; only its evaluation is missing
-            log.info("train %s (%s, n=%d)", spec.name, spec.prompt.method, spec.prompt.n_tokens)
-            trained = train_task(backbone, data[spec.name], spec.prompt, spec.train, progress)
-            bank.add(spec.name, entry_for(spec, data[spec.name], backbone, stream.backbone, trained))
-            log.info("stored %s: dev %.2f, test %.2f", spec.name, trained.metrics["dev_score"], trained.metrics["test_score"])
+        log.info("learn %s (%s, %s, n=%d)", spec.name, stream.strategy, spec.prompt.method, spec.prompt.n_tokens)
         row = {}
-        for seen in stream.tasks[: i + 1]:
-            examples = data[seen.name].test
-            row[seen.name] = data[seen.name].task.score(examples, bank.predict(seen.name, examples, backbone))
+        if strategy.learn(i, spec, data, progress):
+            for seen in stream.tasks[: i + 1]:
+                d = data[seen.name]
+                row[seen.name] = d.task.score(d.test, strategy.predict(seen.name, d.task, d.test))
         state["rows"].append(row)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
         replace_json(out / STATE_FILE, state)
-        log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()))
+        log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated")
     bar.close()
+    strategy.finish(data)
     metrics = summarize(stream, bank, state)
     write_results(out, stream, metrics)
     log.info("done: average %.2f, forgetting %s", metrics["average_score"], metrics["forgetting"])
@@ -138,24 +138,28 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "final_test": state["rows"][-1][name],
             "dev_score": m["dev_score"],
             "prompt_tokens": m["prompt_tokens"],
-            "prompt_tokens_in_context": m["prompt_tokens"],  # a bank puts one task's prompt in context, never the others
+            "prompt_tokens_in_context": m["prompt_tokens_in_context"],
             "trainable_parameters": m["trainable_parameters"],
             "stored_parameters": m["stored_parameters"],
             "train_seconds": m["wall_seconds"],
             "task_seconds": state["seconds"][name],
             "train_examples_per_second": m["train_examples_per_second"],
         }
-    methods = sorted({t.prompt.method for t in stream.tasks})
+    seeds = sorted({t.train.seed for t in stream.tasks})
+    fwt = forward_transfer(R, [0.0] * len(names))
     return {
         "stream": stream.name,
-        "method": methods[0] if len(methods) == 1 else methods,
+        "method": method_label(stream),
+        "strategy": stream.strategy,
+        "seed": seeds[0] if len(seeds) == 1 else None,
+        "backbone": stream.backbone.backbone,
         "tasks": names,
         "accuracy_matrix": R,
         "average_score": average_score(R),
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
-        "forward_transfer": forward_transfer(R, [0.0] * len(names)),
-        "forward_transfer_note": "undefined for a prompt bank: task j has no prompt before it is learned",
+        "forward_transfer": fwt,
+        "forward_transfer_note": "undefined: task j is not evaluated before it is learned" if fwt is None else "reference b_j = 0",
         "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
         "per_task": per_task,
         "wall_seconds": sum(state["seconds"].values()),
@@ -177,7 +181,8 @@ def summary_table(metrics: dict) -> str:
     """A plain-text table: task, score after learning it, final score, prompt tokens, time."""
     lines = [f"{'task':<14}{'score':>8}{'final':>8}{'tokens':>8}{'time s':>9}"]
     for name, t in metrics["per_task"].items():
-        lines.append(f"{name:<14}{t['score_after_learning']:>8.1f}{t['final_score']:>8.1f}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
+        after = "—" if t["score_after_learning"] is None else f"{t['score_after_learning']:.1f}"
+        lines.append(f"{name:<14}{after:>8}{t['final_score']:>8.1f}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
     fgt = metrics["forgetting"]
     lines.append(f"average {metrics['average_score']:.1f}   forgetting {'—' if fgt is None else f'{fgt:.1f}'}   "
                  f"total {metrics['wall_seconds']:.0f} s")

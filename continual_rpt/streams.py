@@ -3,6 +3,7 @@
     name: superglue-cpu
     description: ...
     backbone: {backbone: embedded, pooling: cls}
+    strategy: bank                      # or progressive, shared, multitask, naive, ewc, lwf, replay, agem
     data: {k_per_class: 32}            # DataConfig defaults for every task
     prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
     train: {epochs: 10}                 # TrainConfig defaults
@@ -44,6 +45,8 @@ from continual_rpt.tasks import (
 )
 
 SECTIONS = ("data", "prompt", "train")
+# How tasks share what they learn (continual_rpt/strategies.py); `bank` shares nothing.
+STRATEGIES = ("bank", "progressive", "shared", "multitask", "naive", "ewc", "lwf", "replay", "agem")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Stream:
     backbone: BackboneConfig
     tasks: list[TaskSpec]
     base_dir: Path  # the stream file's folder: relative custom-data paths resolve against it
+    strategy: str = "bank"
 
     def resolved(self) -> dict:
         """The whole configuration with every default filled in (saved next to a run)."""
@@ -93,6 +97,7 @@ class Stream:
             "name": self.name,
             "description": self.description,
             "backbone": dataclasses.asdict(self.backbone),
+            "strategy": self.strategy,
             "tasks": [
                 {"name": t.name, "task": t.task, "custom": dataclasses.asdict(t.custom) if t.custom else None,
                  **{s: dataclasses.asdict(getattr(t, s)) for s in SECTIONS}}
@@ -141,7 +146,7 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
     """A Stream from an already-loaded YAML document; `where` prefixes every error."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: a stream file must be a mapping with 'name' and 'tasks'")
-    known = {"name", "description", "backbone", *SECTIONS, "tasks"}
+    known = {"name", "description", "backbone", "strategy", *SECTIONS, "tasks"}
     for key in doc:
         if key not in known:
             raise ValueError(f"{where}: {key}: unknown key; known keys are {', '.join(sorted(known))}")
@@ -150,6 +155,9 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
         raise ValueError(f"{where}: name: expected a non-empty string")
     if not isinstance(description, str):
         raise ValueError(f"{where}: description: expected a string")
+    strategy = doc.get("strategy", "bank")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{where}: strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     defaults = {s: build(cls, doc.get(s), f"{where}: {s}") for s, cls in zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig))}
     backbone = build(BackboneConfig, doc.get("backbone"), f"{where}: backbone")
     items = doc.get("tasks")
@@ -161,7 +169,7 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
         if spec.name in seen:
             raise ValueError(f"{where}: tasks[{i}]: task name {spec.name!r} appears twice; give one a 'name'")
         seen.add(spec.name)
-    return Stream(name, description, backbone, tasks, base_dir)
+    return Stream(name, description, backbone, tasks, base_dir, strategy)
 
 
 def _task_spec(item: object, where: str, defaults: dict) -> TaskSpec:

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,11 +70,14 @@ class Sizes:
     padding_cap: int = 0  # examples per task in section 3 (0: all)
     memory_sides: int = 5  # section 4 sides measured for memory, each in its own process
     warm_queries: int = 20
+    long_n: int = 100  # the long prompt of section 6
+    threads: int = 0  # torch threads (0: torch's default)
     t5: tuple = (768, 3072, 12, 12, 64)  # d_model, d_ff, layers, heads, d_kv: T5-Base
 
 
 QUICK = Sizes(repeats=2, batch=4, batches=1, max_length=64, matmul=(256, 512), gpu_matmul=(1024,), infer_examples=16,
-              padding_cap=300, memory_sides=2, warm_queries=3, t5=(64, 128, 2, 4, 16))
+              padding_cap=300, memory_sides=2, warm_queries=3, long_n=30, threads=1,
+              t5=(64, 128, 2, 4, 16))
 
 
 # -----------------------------------------------------------------------------
@@ -96,9 +100,11 @@ def alternate(sides: dict, k: int, repeats: int, device: torch.device) -> dict[s
         for name in names[r % len(names):] + names[: r % len(names)]:
             sync(device)
             tick = time.perf_counter()
-            sides[name](k)
+            skipped = sides[name](k)
             sync(device)
             seconds[name].append(time.perf_counter() - tick)
+            if skipped:  # train_task skips a non-finite step's backward, so this timing covers less work
+                print(f"warning: {name}: {skipped} step(s) with a non-finite loss were skipped", flush=True)
     return seconds
 
 
@@ -172,18 +178,22 @@ def make_learner(backbone, task, method: str = "rpt", n_tokens: int = N_TOKENS):
 
 
 def train_step(backbone, learner, batch_features: list, bf16: bool) -> bool:
-    """collate → loss(Φ(P), head) → backward → AdamW step; False if the loss was not finite."""
+    """collate → loss(Φ(P), head) → backward → AdamW step; False if the loss was not finite.
+
+    The single-process path of `train_task`'s loop (its `distributed` calls are no-ops alone).
+    """
     prompt, head, optimizer = learner
-    prompt.train()
-    if head is not None:
-        head.train()
+    for module in (prompt, head):
+        if module is not None:
+            module.train()
+    optimizer.zero_grad(set_to_none=True)
     batch = backbone.collate(batch_features)
     with autocast(backbone, bf16):
         loss = backbone.loss(prompt(), head, batch)
-    optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):  # train_task drops such a step
         return False
     loss.backward()
+    loss.item()  # train_task logs the loss: on a GPU this is a sync point it pays too
     optimizer.step()
     return True
 
@@ -223,6 +233,15 @@ def step_flops(backbone, task, batch_features: list) -> tuple[float, float]:
 # 1. matmul peak
 
 
+def matmuls(a: torch.Tensor, b: torch.Tensor, calls: int):
+    """A side for `alternate`: `calls` back-to-back products a @ b."""
+    def run(k: int) -> int:
+        for _ in range(calls):
+            torch.matmul(a, b)
+        return 0
+    return run
+
+
 def matmul_peak(device: torch.device, sizes: tuple, repeats: int) -> tuple[dict, list[str]]:
     """GFLOP/s of torch.matmul on square fp32 and bf16 matrices; the peak is the best size."""
     sides, flops = {}, {}
@@ -235,7 +254,7 @@ def matmul_peak(device: torch.device, sizes: tuple, repeats: int) -> tuple[dict,
             sync(device)
             calls = max(1, int(0.2 / max(time.perf_counter() - tick, 1e-6)))  # ~0.2 s per timing
             name = f"{str(dtype).split('.')[-1]} {n}"
-            sides[name] = lambda k, a=a, b=b, calls=calls: [torch.matmul(a, b) for _ in range(calls)]
+            sides[name] = matmuls(a, b, calls)
             flops[name] = 2 * n**3 * calls
     seconds = alternate(sides, 1, repeats, device)
     gflops = {name: flops[name] / median(seconds[name]) / 1e9 for name in sides}
@@ -375,7 +394,7 @@ def peft_side(backbone, model, examples: list, batches: list[list[int]], max_tok
         rows = [{**tok(*ex.pairs[0], truncation=True, max_length=max_tokens), "labels": ex.label} for ex in examples]
         collator = DataCollatorWithPadding(tok)
     else:
-        rows = [{**tok(ex.source, truncation=True, max_length=max_tokens),
+        rows = [{**tok(ex.source, truncation=True, max_length=max_tokens, return_token_type_ids=False),
                  "labels": tok(ex.candidates[ex.label], truncation=True, max_length=max_tokens)["input_ids"]}
                 for ex in examples]
         collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
@@ -456,7 +475,7 @@ def compare_peft(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
                             "how": "torch.cuda.max_memory_allocated growth"}
     elif backbone.device.type == "cpu" and backbone.family == "encoder":
         for name in [names[0], PEFT, *names[1:-1]][: sizes.memory_sides]:
-            command = [sys.executable, __file__, "--child", "memory", "--side", name] + (["--quick"] if args.quick else [])
+            command = [sys.executable, __file__, "--child", "memory", "--side", name, *child_args(args)]
             out = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env())
             memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
     results, rows = {}, []
@@ -517,6 +536,14 @@ def phi_cost(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
 # 6. inference with collapsed prompts, and prompt length
 
 
+def infer_side(backbone, prompt: torch.Tensor, head, features: list):
+    """A side for `alternate`: predict every feature with a collapsed prompt (eval batch 64, bf16)."""
+    def run(k: int) -> int:
+        predict_features(backbone, prompt, head, features, 64, True)
+        return 0
+    return run
+
+
 def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
     """Collapsed rpt vs pt at n=10 (inference), and n=10 vs n=100 (training and inference)."""
     task = get_task("RTE")
@@ -524,7 +551,7 @@ def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
     evaluate = (data.dev + data.test)[: sizes.infer_examples]
     _, batches = bucketed(backbone, train_examples("RTE"), sizes)
     train_sides, infer_sides = {}, {}
-    for n in (N_TOKENS, 100):
+    for n in (N_TOKENS, sizes.long_n):
         max_tokens = sizes.max_length - n  # the library truncates the input to leave room for the prompt
         features = backbone.featurize(train_examples("RTE"), max_tokens)
         learner = make_learner(backbone, task, "rpt", n)
@@ -535,7 +562,7 @@ def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
         if n == N_TOKENS:
             prompts[f"pt n={n}"] = make_learner(backbone, task, "pt", n)[0].collapse()
         for name, p in prompts.items():
-            infer_sides[name] = lambda k, p=p, f=eval_features, h=head: predict_features(backbone, p, h, f, 64, True)
+            infer_sides[name] = infer_side(backbone, p, head, eval_features)
     train_s = alternate(train_sides, sizes.batches, sizes.repeats, backbone.device)
     infer_s = alternate(infer_sides, 1, sizes.repeats, backbone.device)
     n_train = sum(map(len, batches))
@@ -543,17 +570,17 @@ def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
     rows += [[name, "", f"{len(evaluate) / median(s):.1f}"] for name, s in infer_s.items()]
     md = table(["side", "training examples/s", "inference examples/s"], rows)
     infer_ratio = paired_ratio(infer_s[f"rpt n={N_TOKENS}, collapsed"], infer_s[f"pt n={N_TOKENS}"])
-    long_train = paired_ratio(train_s["rpt n=100"], train_s[f"rpt n={N_TOKENS}"])
-    long_infer = paired_ratio(infer_s["rpt n=100, collapsed"], infer_s[f"rpt n={N_TOKENS}, collapsed"])
+    long_train = paired_ratio(train_s[f"rpt n={sizes.long_n}"], train_s[f"rpt n={N_TOKENS}"])
+    long_infer = paired_ratio(infer_s[f"rpt n={sizes.long_n}, collapsed"], infer_s[f"rpt n={N_TOKENS}, collapsed"])
     md += ["", f"Time ratios (within-repeat medians): collapsed rpt / pt at n={N_TOKENS} inference **{infer_ratio:.2f}** "
-           f"(both are an [n, d] tensor, so 1.00 up to noise); n=100 / n=10: training {long_train:.2f}, inference "
+           f"(both are an [n, d] tensor, so 1.00 up to noise); n={sizes.long_n} / n={N_TOKENS}: training {long_train:.2f}, inference "
            f"{long_infer:.2f}. Training: RTE, {sizes.batches} length-bucketed batches of {sizes.batch}, bf16 (the same examples "
-           f"for both n; with n=100 the library truncates the input at {sizes.max_length - 100} instead of "
+           f"for both n; with n={sizes.long_n} the library truncates the input at {sizes.max_length - sizes.long_n} instead of "
            f"{sizes.max_length - N_TOKENS} tokens). Inference: `predict_features` on {len(evaluate)} RTE validation "
            "examples, batch 64, bf16, features prepared beforehand."]
     results = {"train_seconds": train_s, "infer_seconds": infer_s, "train_examples": n_train,
                "infer_examples": len(evaluate), "collapsed_rpt_over_pt": infer_ratio,
-               "n100_over_n10_train": long_train, "n100_over_n10_infer": long_infer}
+               "long_over_short_train": long_train, "long_over_short_infer": long_infer}
     return results, md
 
 
@@ -577,8 +604,11 @@ def bank_child(folder: str) -> dict:
     """In a fresh process: load the backbone, open the bank and predict one example, phase by phase."""
     phases = {"python start → imports done (in-process part)": time.perf_counter() - START}
     tick = time.perf_counter()
+    import transformers.models.bert.modeling_bert  # noqa: F401  (imported lazily by load_backbone otherwise)
+    phases["import transformers' BERT model code"] = time.perf_counter() - tick
+    tick = time.perf_counter()
     backbone = load_backbone("embedded")
-    phases["load_backbone"] = time.perf_counter() - tick
+    phases["load_backbone (config, tokenizer, weights)"] = time.perf_counter() - tick
     tick = time.perf_counter()
     example = read_jsonl(get_task("RTE"), SUPERGLUE / "RTE" / "val.jsonl")[:1]
     phases["read the input file"] = time.perf_counter() - tick
@@ -594,12 +624,17 @@ def bank_child(folder: str) -> dict:
     return phases
 
 
+def child_args(args) -> list[str]:
+    """The options a child process needs to do the same work as its parent."""
+    return (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
+
+
 def child_env() -> dict:
     """The environment for child processes: offline, and the library importable."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def bank_latency(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+def bank_latency(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
     """Cold (fresh process) and warm (same process) latency of open bank → predict one example."""
     folder = Path(tempfile.mkdtemp(prefix="crpt-bench-")) / "bank"
     try:
@@ -607,7 +642,7 @@ def bank_latency(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
         cold_wall, cold_phases = [], []
         for _ in range(sizes.repeats):
             tick = time.perf_counter()
-            out = subprocess.run([sys.executable, __file__, "--child", "bank", "--bank", str(folder)],
+            out = subprocess.run([sys.executable, __file__, "--child", "bank", "--bank", str(folder), *child_args(args)],
                                  capture_output=True, text=True, check=True, env=child_env())
             cold_wall.append(time.perf_counter() - tick)
             cold_phases.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -736,12 +771,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
     parser.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 with --quick, since "
+                        "2 threads on 2 cores that another process also uses are ~10x slower than 1)")
     parser.add_argument("--t5-device", default="cuda", help="device of section 8 (cpu only to test its code path)")
     parser.add_argument("--child", choices=["memory", "bank"], help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--bank", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sizes = dataclasses.replace(QUICK if args.quick else Sizes(), **({"repeats": args.repeats} if args.repeats else {}))
+    sizes = QUICK if args.quick else Sizes()
+    sizes = dataclasses.replace(sizes, repeats=args.repeats or sizes.repeats, threads=args.threads or sizes.threads)
+    if sizes.threads:
+        torch.set_num_threads(sizes.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # load reports and progress bars would bury the tables
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside transformers
     if args.child == "memory":
         print(json.dumps(memory_child(args.side, sizes)))
         return
@@ -776,7 +821,7 @@ def main() -> None:
         elif key == "6":
             numbers, md = inference_and_length(backbone, sizes)
         elif key == "7":
-            numbers, md = bank_latency(backbone, sizes)
+            numbers, md = bank_latency(backbone, sizes, args)
         elif args.t5_device != "cuda" or torch.cuda.is_available():
             numbers, md = gpu_sections(sizes, args.t5_device, args)
         else:
