@@ -33,6 +33,7 @@ from continual_rpt.tasks import Example, Task, custom_config_from_dict, custom_t
 
 PROMPT_FILE, HEAD_FILE = "prompt.safetensors", "head.safetensors"
 META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.json"
+ENTRY_FILES = frozenset({PROMPT_FILE, HEAD_FILE, META_FILE, CONFIG_FILE, METRICS_FILE})
 INDEX_FILE, LOCK_FILE = "bank.json", ".lock"
 BANK_FORMAT = "continual-rpt-bank/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -123,6 +124,10 @@ def load_entry(folder: str | Path, checksums: dict[str, str] | None = None) -> E
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise BankError(f"{folder / META_FILE}: not found; {folder} is not a bank entry")
+    unexpected = sorted(p.name for p in folder.iterdir() if p.name not in ENTRY_FILES)
+    if unexpected:  # e.g. a pickle someone dropped in: refused, never opened
+        raise BankError(f"{folder / unexpected[0]}: unexpected file in a bank entry; only safetensors and JSON are read "
+                        f"({', '.join(sorted(ENTRY_FILES))})")
     for name, digest in (checksums or {}).items():
         path = folder / name
         if not path.is_file() or _sha256(path) != digest:

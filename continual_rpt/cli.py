@@ -192,10 +192,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crpt` console script."""
+    from continual_rpt.learner import TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank, "compare": cmd_compare}[args.command](args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, TrainingDiverged) as err:
         print(f"crpt: error: {err}", file=sys.stderr)
         return 2
 

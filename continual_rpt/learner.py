@@ -51,6 +51,10 @@ class TrainConfig:
             raise ValueError("lr and head_lr: must be positive")
 
 
+class TrainingDiverged(RuntimeError):
+    """Training produced no finite prompt to keep."""
+
+
 @dataclass
 class TrainedTask:
     """A trained task: collapsed prompt P′ (None for the head-only control), head weights, metrics."""
@@ -215,7 +219,8 @@ def _fit(
     bar.close()
     wall = time.perf_counter() - start
     if best["step"] == 0:
-        raise RuntimeError(f"{names}: no dev evaluation produced a finite prompt (training diverged)")
+        raise TrainingDiverged(f"{names}: no dev evaluation produced a finite prompt; training diverged "
+                               f"({skipped} non-finite steps dropped); lower --lr")
 
     for module, state in ((prompt, best["prompt"]), *zip(heads, best["heads"])):
         if module is not None:
