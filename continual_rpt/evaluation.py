@@ -1,4 +1,4 @@
-"""Prediction with a collapsed prompt, and a task's official score on a split."""
+"""Prediction with a collapsed prompt, and the continual-learning metrics of an accuracy matrix."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.tasks import Example, Task
+from continual_rpt.tasks import Example
 
 
 def length_batches(features: list[Features], batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:
@@ -63,20 +63,6 @@ def predict(
     n_tokens = 0 if prompt is None else prompt.shape[0]
     features = backbone.featurize(examples, max_length - n_tokens)
     return predict_features(backbone, prompt, head, features, batch_size, bf16)
-
-
-def evaluate(
-    backbone: Backbone,
-    task: Task,
-    prompt: Tensor | None,
-    head: nn.Module | None,
-    examples: list[Example],
-    max_length: int = 256,
-    batch_size: int = 64,
-    bf16: bool = True,
-) -> dict[str, float]:
-    """The task's official metrics (percent) and `score` on labelled examples."""
-    return task.score(examples, predict(backbone, prompt, head, examples, max_length, batch_size, bf16))
 
 
 # --- continual-learning metrics: pure functions of the accuracy matrix -----------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import mean
 
@@ -72,6 +72,19 @@ def _hub_label(row: dict, where: str, n_labels: int) -> int:
 
 def _index_map(names: Sequence[object]) -> dict:
     return {name: i for i, name in enumerate(names)}
+
+
+LabelReader = Callable[[dict, str], int]
+
+
+def _official(values: dict) -> LabelReader:
+    """Label reader for the official jsonl encoding (`values` maps each label value to its index)."""
+    return lambda row, where: _label(row, where, values)
+
+
+def _hub(n_labels: int) -> LabelReader:
+    """Label reader for the hub's ClassLabel indices."""
+    return lambda row, where: _hub_label(row, where, n_labels)
 
 
 # --- example builders shared by the official and the hub parsers ------------------------------
@@ -148,24 +161,40 @@ def _uid(task: str, row: dict, where: str) -> str:
     return f"{task}/{_split_of(where)}/{_get(row, 'idx', where)}"
 
 
-def _parse_boolq(row: dict, where: str) -> list[Example]:
-    question, passage = _text(row, "question", where), _text(row, "passage", where)
-    return [_boolq(_uid("BoolQ", row, where), question, passage, _label(row, where, _BOOL_LABELS))]
+# BoolQ, CB, RTE, COPA and WiC rows have the same fields in both formats; only the label encoding differs.
 
 
-def _entailment_parser(task: str, label_names: tuple[str, ...]) -> Parser:
+def _boolq_parser(label_of: LabelReader) -> Parser:
     def parse(row: dict, where: str) -> list[Example]:
-        premise, hypothesis = _text(row, "premise", where), _text(row, "hypothesis", where)
-        label = _label(row, where, _index_map(label_names))
-        return [_entailment(task, _uid(task, row, where), premise, hypothesis, label, label_names)]
+        question, passage = _text(row, "question", where), _text(row, "passage", where)
+        return [_boolq(_uid("BoolQ", row, where), question, passage, label_of(row, where))]
 
     return parse
 
 
-def _parse_copa(row: dict, where: str) -> list[Example]:
-    choices = (_text(row, "choice1", where), _text(row, "choice2", where))
-    premise, question = _text(row, "premise", where), _text(row, "question", where)
-    return [_copa(_uid("COPA", row, where), premise, choices, question, _label(row, where, _INT_LABELS), where)]
+def _entailment_parser(task: str, label_names: tuple[str, ...], label_of: LabelReader) -> Parser:
+    def parse(row: dict, where: str) -> list[Example]:
+        premise, hypothesis = _text(row, "premise", where), _text(row, "hypothesis", where)
+        return [_entailment(task, _uid(task, row, where), premise, hypothesis, label_of(row, where), label_names)]
+
+    return parse
+
+
+def _copa_parser(label_of: LabelReader) -> Parser:
+    def parse(row: dict, where: str) -> list[Example]:
+        choices = (_text(row, "choice1", where), _text(row, "choice2", where))
+        premise, question = _text(row, "premise", where), _text(row, "question", where)
+        return [_copa(_uid("COPA", row, where), premise, choices, question, label_of(row, where), where)]
+
+    return parse
+
+
+def _wic_parser(label_of: LabelReader) -> Parser:
+    def parse(row: dict, where: str) -> list[Example]:
+        word, sentence1, sentence2 = (_text(row, key, where) for key in ("word", "sentence1", "sentence2"))
+        return [_wic(_uid("WiC", row, where), word, sentence1, sentence2, label_of(row, where))]
+
+    return parse
 
 
 def _parse_multirc(row: dict, where: str) -> list[Example]:
@@ -213,11 +242,6 @@ def _parse_record(row: dict, where: str) -> list[Example]:
     return examples
 
 
-def _parse_wic(row: dict, where: str) -> list[Example]:
-    word, sentence1, sentence2 = (_text(row, key, where) for key in ("word", "sentence1", "sentence2"))
-    return [_wic(_uid("WiC", row, where), word, sentence1, sentence2, _label(row, where, _BOOL_LABELS))]
-
-
 def _parse_wsc(row: dict, where: str) -> list[Example]:
     target = _object(row, "target", where)
     span1, span2 = _text(target, "span1_text", where, "target."), _text(target, "span2_text", where, "target.")
@@ -225,26 +249,6 @@ def _parse_wsc(row: dict, where: str) -> list[Example]:
 
 
 # --- Hugging Face aps/super_glue parsers ---------------------------------------------------------
-
-
-def _hub_boolq(row: dict, where: str) -> list[Example]:
-    question, passage = _text(row, "question", where), _text(row, "passage", where)
-    return [_boolq(_uid("BoolQ", row, where), question, passage, _hub_label(row, where, 2))]
-
-
-def _hub_entailment_parser(task: str, label_names: tuple[str, ...]) -> Parser:
-    def parse(row: dict, where: str) -> list[Example]:
-        premise, hypothesis = _text(row, "premise", where), _text(row, "hypothesis", where)
-        label = _hub_label(row, where, len(label_names))
-        return [_entailment(task, _uid(task, row, where), premise, hypothesis, label, label_names)]
-
-    return parse
-
-
-def _hub_copa(row: dict, where: str) -> list[Example]:
-    choices = (_text(row, "choice1", where), _text(row, "choice2", where))
-    premise, question = _text(row, "premise", where), _text(row, "question", where)
-    return [_copa(_uid("COPA", row, where), premise, choices, question, _hub_label(row, where, 2), where)]
 
 
 def _hub_multirc(row: dict, where: str) -> list[Example]:
@@ -274,11 +278,6 @@ def _hub_record(row: dict, where: str) -> list[Example]:
     uid = f"ReCoRD/{_split_of(where)}/{passage_idx}/q{query_idx}"
     passage, query = _text(row, "passage", where), _text(row, "query", where)
     return [_record(uid, str(query_idx), passage, query, entities, answers, where)]
-
-
-def _hub_wic(row: dict, where: str) -> list[Example]:
-    word, sentence1, sentence2 = (_text(row, key, where) for key in ("word", "sentence1", "sentence2"))
-    return [_wic(_uid("WiC", row, where), word, sentence1, sentence2, _hub_label(row, where, 2))]
 
 
 def _hub_wsc(row: dict, where: str) -> list[Example]:
@@ -324,23 +323,26 @@ _ACCURACY = ("accuracy",)
 
 
 def _entailment_task(name: str, label_names: tuple[str, ...], metric_names: tuple[str, ...], scorer: Scorer) -> Task:
-    official, hub = _entailment_parser(name, label_names), _hub_entailment_parser(name, label_names)
+    official = _entailment_parser(name, label_names, _official(_index_map(label_names)))
+    hub = _entailment_parser(name, label_names, _hub(len(label_names)))
     return Task(name, "classification", label_names, metric_names, name.lower(), official, hub, scorer)
 
 
 SUPERGLUE: dict[str, Task] = {
     task.name: task
     for task in (
-        Task("BoolQ", "classification", _FALSE_TRUE, _ACCURACY, "boolq", _parse_boolq, _hub_boolq, _score_accuracy),
+        Task("BoolQ", "classification", _FALSE_TRUE, _ACCURACY, "boolq",
+             _boolq_parser(_official(_BOOL_LABELS)), _boolq_parser(_hub(2)), _score_accuracy),
         _entailment_task("CB", _CB_LABELS, ("accuracy", "macro_f1"), _score_cb),
-        Task("COPA", "choice", (), _ACCURACY, "copa", _parse_copa, _hub_copa, _score_accuracy),
+        Task("COPA", "choice", (), _ACCURACY, "copa", _copa_parser(_official(_INT_LABELS)), _copa_parser(_hub(2)), _score_accuracy),
         Task(
             "MultiRC", "classification", _FALSE_TRUE, ("f1a", "em"), "multirc",
             _parse_multirc, _hub_multirc, _score_multirc,
         ),
         Task("ReCoRD", "choice", (), ("f1", "em"), "record", _parse_record, _hub_record, _score_record),
         _entailment_task("RTE", _RTE_LABELS, _ACCURACY, _score_accuracy),
-        Task("WiC", "classification", _FALSE_TRUE, _ACCURACY, "wic", _parse_wic, _hub_wic, _score_accuracy),
+        Task("WiC", "classification", _FALSE_TRUE, _ACCURACY, "wic",
+             _wic_parser(_official(_BOOL_LABELS)), _wic_parser(_hub(2)), _score_accuracy),
         # wsc.fixed repairs span texts that are not substrings of the text; the labels are unchanged.
         Task("WSC", "classification", _FALSE_TRUE, _ACCURACY, "wsc.fixed", _parse_wsc, _hub_wsc, _score_accuracy),
     )
