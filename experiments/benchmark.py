@@ -188,8 +188,9 @@ def train_step(backbone, learner, batch_features: list, bf16: bool) -> bool:
             module.train()
     optimizer.zero_grad(set_to_none=True)
     batch = backbone.collate(batch_features)
+    prompt_in = prompt()  # Φ in fp32, outside autocast, as train_task does
     with autocast(backbone, bf16):
-        loss = backbone.loss(prompt(), head, batch)
+        loss = backbone.loss(prompt_in, head, batch)
     if not torch.isfinite(loss):  # train_task drops such a step
         return False
     loss.backward()
@@ -508,6 +509,43 @@ def compare_peft(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
 
 
 # -----------------------------------------------------------------------------
+# 9. attention kernel; profile of a step
+
+
+def attention_and_profile(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """Training step time with SDPA vs eager attention, fp32 and bf16 (alternating); top ops of a bf16 step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    task = get_task("RTE")
+    sdpa, eager = load_backbone("embedded", attention="sdpa"), load_backbone("embedded", attention="eager")
+    features, batches = bucketed(backbone, train_examples("RTE"), sizes)
+    results, rows = {}, []
+    for bf16 in (False, True):
+        sides = {name: our_side(b, make_learner(b, task), features, batches, bf16) for name, b in (("sdpa", sdpa), ("eager", eager))}
+        seconds = alternate(sides, sizes.batches, sizes.repeats, backbone.device)
+        ratio = paired_ratio(seconds["sdpa"], seconds["eager"])
+        dtype = "bf16" if bf16 else "fp32"
+        results[dtype] = {"seconds": seconds, "eager_speedup": ratio}
+        rows.append([dtype, f"{median(seconds['sdpa']) / sizes.batches * 1e3:.0f}", f"{median(seconds['eager']) / sizes.batches * 1e3:.0f}", f"{ratio:.2f}×"])
+    md = table(["autocast", "sdpa ms/step", "eager ms/step", "eager speed-up"], rows)
+    learner = make_learner(backbone, task)
+    train_step(backbone, learner, [features[i] for i in batches[0]], True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for ids in batches[: sizes.batches]:
+            train_step(backbone, learner, [features[i] for i in ids], True)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [[e.key[:60], f"{e.self_cpu_time_total / total:.1%}", e.count] for e in events[:10]]
+    results["profile_top"] = [{"op": e.key, "share": e.self_cpu_time_total / total} for e in events[:10]]
+    md += ["", "Where a bf16 training step's time goes (default backbone, `attention=auto`, torch.profiler, self CPU time):", ""]
+    md += table(["op", "share of step", "calls"], top)
+    md += ["", f"RTE, {sizes.batches} length-bucketed batches of {sizes.batch}, rpt n={N_TOKENS}; both sides load the same "
+           "weights and differ only in `attn_implementation`. The default `attention=auto` uses eager under bf16 on a "
+           "CPU and SDPA otherwise."]
+    return results, md
+
+
+# -----------------------------------------------------------------------------
 # 5. cost of Φ during training
 
 
@@ -738,7 +776,7 @@ TITLES = {
     "1": "Matmul peak", "2": "Training throughput and FLOP/s", "3": "Padding share",
     "4": "Against the peft package", "5": "Cost of Φ during training",
     "6": "Inference with collapsed prompts; prompt length", "7": "Bank query latency",
-    "8": "GPU: T5-Base-sized model",
+    "8": "GPU: T5-Base-sized model", "9": "Attention kernel and where a step's time goes",
 }
 
 
@@ -769,7 +807,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per section), to check the script")
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated section numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 with --quick, since "
                         "2 threads on 2 cores that another process also uses are ~10x slower than 1)")
@@ -801,7 +839,7 @@ def main() -> None:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(TITLES))
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-8")
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-9")
     backbone = load_backbone("embedded")
     started = time.perf_counter()
     for key in sorted(wanted):
@@ -822,6 +860,8 @@ def main() -> None:
             numbers, md = inference_and_length(backbone, sizes)
         elif key == "7":
             numbers, md = bank_latency(backbone, sizes, args)
+        elif key == "9":
+            numbers, md = attention_and_profile(backbone, sizes)
         elif args.t5_device != "cuda" or torch.cuda.is_available():
             numbers, md = gpu_sections(sizes, args.t5_device, args)
         else:

@@ -68,14 +68,23 @@ def test_length_bucketing_keeps_padding_under_five_percent(minilm, superglue_dir
 
 
 def test_sdpa_attention_matches_eager(superglue_dir):
-    fast, slow = load_backbone(EMBEDDED), load_backbone(EMBEDDED)
-    slow.model.set_attn_implementation("eager")
-    assert fast.model.config._attn_implementation == "sdpa"
+    fast, slow = load_backbone(EMBEDDED, attention="sdpa"), load_backbone(EMBEDDED, attention="eager")
     data = load_task_data("RTE", superglue_dir)
     prompt = build_prompt(fast, PromptConfig(), seed=0).collapse()
     batch = fast.collate(fast.featurize(data.dev[:8], 246))
-    with torch.no_grad():
-        torch.testing.assert_close(fast.encode(prompt, batch), slow.encode(prompt, batch), atol=1e-4, rtol=1e-4)
+    for bf16, tol in ((False, 1e-4), (True, 5e-2)):
+        with torch.no_grad(), autocast(fast, bf16), autocast(slow, bf16):
+            a, b = fast.encode(prompt, batch).float(), slow.encode(prompt, batch).float()
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert fast.model.config._attn_implementation == "sdpa" and slow.model.config._attn_implementation == "eager"
+
+
+def test_auto_attention_picks_eager_for_bf16_on_cpu(minilm):
+    assert minilm.attention == "auto"
+    with autocast(minilm, True):
+        assert minilm.model.config._attn_implementation == "eager"
+    with autocast(minilm, False):
+        assert minilm.model.config._attn_implementation == "sdpa"
 
 
 def test_accelerate_two_processes_equal_one(tmp_path, tiny_bert_dir, superglue_dir):
