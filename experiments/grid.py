@@ -2,6 +2,12 @@
 
     python experiments/grid.py experiments/first_number.yaml
 
+A grid file names tasks (with per-task `max_train`, `k_per_class`, `train` overrides), methods,
+seeds, default `prompt`/`train` settings and, optionally, `variants`: named overrides of the
+`prompt`, `train` or `data` (`max_train`, `k_per_class`) settings, e.g. `n2: {prompt: {n_tokens: 2}}`,
+crossed with every method. `controls` (e.g. `[head]`) have no prompt to vary: they run once per
+task and seed, and once per variant only for variants that change the data.
+
 Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
 grid is started again), the table in `experiments/results/<name>/summary.{csv,md}`, with the
 machine, versions, seeds and command next to it. Dev selects, test is reported; the majority-class
@@ -39,29 +45,48 @@ def majority_score(data) -> float:
     return data.task.score(data.test, [common] * len(data.test))["score"]
 
 
+def grid_runs(spec: dict) -> list[tuple[str, str, str, int]]:
+    """Every (task, variant, method, seed) the grid asks for; variant '' where there are none."""
+    variants = spec.get("variants", {})
+    data_variants = [v for v, override in variants.items() if "data" in override] or [""]
+    runs = []
+    for task in spec["tasks"]:
+        for seed in spec["seeds"]:
+            runs += [(task, v, method, seed) for v in data_variants for method in spec.get("controls", [])]
+            runs += [(task, v, method, seed) for v in (list(variants) or [""]) for method in spec["methods"]]
+    return runs
+
+
+def run_name(task: str, variant: str, method: str, seed: int) -> str:
+    """File stem of one run's record."""
+    return "-".join(str(part) for part in (task, variant, method, seed) if part != "")
+
+
 def run_grid(spec: dict, spec_path: Path) -> Path:
-    """Train every (task, method, seed) of `spec` that has no result yet, then write the summary."""
+    """Train every run of `spec` that has no result yet, then write the summary."""
     out = RESULTS / spec["name"]
     (out / "runs").mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(spec.get("backbone", "embedded"))
     data_dir = Path(spec["data_dir"]).expanduser()
     if not data_dir.is_absolute():
         data_dir = (spec_path.parent / data_dir).resolve()
-    for task, task_opts in spec["tasks"].items():
-        for method in spec["methods"]:
-            for seed in spec["seeds"]:
-                path = out / "runs" / f"{task}-{method}-{seed}.json"
-                if path.exists():
-                    continue
-                data = load_task_data(task, data_dir, max_train=task_opts.get("max_train"), seed=seed)
-                prompt_cfg = PromptConfig(method=method, **spec.get("prompt", {}))
-                train_cfg = TrainConfig(seed=seed, **{**spec.get("train", {}), **task_opts.get("train", {})})
-                result = train_task(backbone, data, prompt_cfg, train_cfg)
-                record = {**result.metrics, "seed": seed, "history": result.history, "majority_test_score": majority_score(data),
-                          "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
-                path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-                print(f"{task:8s} {method:6s} seed {seed}: dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
-                      f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
+    for task, variant, method, seed in grid_runs(spec):
+        path = out / "runs" / f"{run_name(task, variant, method, seed)}.json"
+        if path.exists():
+            continue
+        opts = spec["tasks"][task] or {}
+        override = spec.get("variants", {}).get(variant, {})
+        sizes = {"max_train": opts.get("max_train"), "k_per_class": opts.get("k_per_class"), **override.get("data", {})}
+        data = load_task_data(task, data_dir, **sizes, seed=seed)
+        prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": method})
+        train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
+        result = train_task(backbone, data, prompt_cfg, train_cfg)
+        record = {**result.metrics, "seed": seed, "variant": variant, "history": result.history,
+                  "majority_test_score": majority_score(data),
+                  "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
+        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
+              f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
     write_summary(out, spec, spec_path)
     return out
 
@@ -74,15 +99,17 @@ def mean_std(values: list[float]) -> str:
 
 
 def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
-    """Per task and method: test (and dev) mean ± std over seeds, plus the majority-class row."""
+    """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the majority-class row."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     tasks = list(spec["tasks"])
-    rows = [("majority class", {t: mean_std([r["majority_test_score"] for r in runs if r["task"] == t][:1]) for t in tasks}, "")]
-    csv_lines = ["method,task,seeds,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
-    for method in spec["methods"]:
+    majority = {t: next((r["majority_test_score"] for r in runs if r["task"] == t), None) for t in tasks}
+    rows = [("majority class", {t: "—" if v is None else f"{v:.1f}" for t, v in majority.items()}, "—")]
+    csv_lines = ["variant,method,task,seeds,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
+    keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
+    for variant, method in keys:
         cells, averages = {}, []
         for task in tasks:
-            mine = [r for r in runs if r["task"] == task and r["method"] == method]
+            mine = [r for r in runs if r["task"] == task and r["method"] == method and r.get("variant", "") == variant]
             if not mine:
                 cells[task] = "—"
                 continue
@@ -91,14 +118,19 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
             averages.append(statistics.mean(tests))
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             speed = statistics.median(r["train_examples_per_second"] for r in mine)
-            csv_lines.append(f"{method},{task},{len(mine)},{statistics.mean(devs):.2f},{sd(devs):.2f},"
+            csv_lines.append(f"{variant},{method},{task},{len(mine)},{statistics.mean(devs):.2f},{sd(devs):.2f},"
                              f"{statistics.mean(tests):.2f},{sd(tests):.2f},{speed:.1f}")
-        rows.append((method, cells, f"{statistics.mean(averages):.1f}" if len(averages) == len(tasks) else "—"))
+        label = f"{method} ({variant})" if variant else method
+        rows.append((label, cells, f"{statistics.mean(averages):.1f}" if len(averages) == len(tasks) else "—"))
     (out / "summary.csv").write_text("\n".join(csv_lines) + "\n")
     table = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     table += [f"| {name} | " + " | ".join(cells[t] for t in tasks) + f" | {avg} |" for name, cells, avg in rows]
+    try:
+        shown = spec_path.relative_to(Path.cwd())
+    except ValueError:
+        shown = spec_path
     env = {
-        "command": f"python experiments/grid.py {spec_path.relative_to(Path.cwd()) if spec_path.is_relative_to(Path.cwd()) else spec_path}",
+        "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/grid.py {shown}",
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "continual_rpt": __version__, "seeds": spec["seeds"], "date": time.strftime("%Y-%m-%d"),
