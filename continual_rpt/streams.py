@@ -33,7 +33,6 @@ from continual_rpt.backbones import BackboneConfig
 from continual_rpt.bank import check_name
 from continual_rpt.learner import TrainConfig
 from continual_rpt.prompts import PromptConfig
-from continual_rpt.tasks.catalog import HUB_TASKS
 from continual_rpt.tasks import (
     CustomTaskConfig,
     Example,
@@ -43,6 +42,7 @@ from continual_rpt.tasks import (
     load_custom_data,
     load_task_data,
 )
+from continual_rpt.tasks.catalog import HUB_TASKS
 
 SECTIONS = ("data", "prompt", "train")
 # How tasks share what they learn (continual_rpt/strategies.py); `bank` shares nothing.

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.cli import main
+from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.report import ReportError, compare
 
 TASKS = ["CB", "COPA", "RTE"]

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from test_stream import write_stream
 
 from continual_rpt.bank import PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import predict
 from continual_rpt.run import run_stream
-from continual_rpt.streams import load_data, load_stream
 from continual_rpt.strategies import with_method
-from test_stream import write_stream
+from continual_rpt.streams import load_data, load_stream
 
 TASKS = ["CB", "COPA", "RTE"]
 

@@ -15,8 +15,7 @@ import yaml
 from continual_rpt.bank import PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting, forward_transfer
-from continual_rpt.learner import TrainConfig, train_task
-from continual_rpt.prompts import PromptConfig
+from continual_rpt.learner import train_task
 from continual_rpt.run import entry_for, run_stream
 from continual_rpt.streams import load_data, load_stream
 
