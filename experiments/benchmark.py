@@ -6,7 +6,7 @@
 
 Sections: 1 matmul peak, 2 training throughput and FLOP/s, 3 padding share, 4 against the `peft`
 package, 5 cost of Φ, 6 inference and prompt length, 7 bank query latency, 8 the same on a GPU
-with a T5-Base-sized model. Each figure is the median over `--repeats`; the sides of a comparison
+with a T5-Base-sized model, 9 attention kernels and a profile of a step, 10 torch.compile. Each figure is the median over `--repeats`; the sides of a comparison
 run alternately within each repeat (in a rotating order) so that machine drift hits all of them.
 Results go to `<out>/performance.md` and the raw numbers to `<out>/performance.json`; a partial
 rerun replaces only the sections it ran.
@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -546,6 +547,36 @@ def attention_and_profile(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
 
 
 # -----------------------------------------------------------------------------
+# 10. torch.compile
+
+
+def compile_cost(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """Compile time of the backbone with torch.compile(dynamic=True), then its step time against eager."""
+    task = get_task("RTE")
+    features, batches = bucketed(backbone, train_examples("RTE"), sizes)
+    compiled = load_backbone("embedded")
+    compiled.model = torch.compile(compiled.model, dynamic=True)
+    learner = make_learner(compiled, task)
+    tick = time.perf_counter()
+    for ids in batches[: sizes.batches]:  # every batch shape once: compiles and recompiles happen here
+        train_step(compiled, learner, [features[i] for i in ids], True)
+    compile_seconds = time.perf_counter() - tick
+    sides = {"eager": our_side(backbone, make_learner(backbone, task), features, batches, True),
+             "compiled": our_side(compiled, learner, features, batches, True)}
+    seconds = alternate(sides, sizes.batches, sizes.repeats, backbone.device)
+    speedup = paired_ratio(seconds["eager"], seconds["compiled"])
+    step_ms = {k: median(v) / sizes.batches * 1e3 for k, v in seconds.items()}
+    saved_per_step = (step_ms["eager"] - step_ms["compiled"]) / 1e3
+    breakeven = compile_seconds / saved_per_step if saved_per_step > 0 else math.inf
+    md = table(["backbone", "ms per step (median)"], [[k, f"{v:.0f}"] for k, v in step_ms.items()])
+    md += ["", f"First pass over the {sizes.batches} batches (compilation included): {compile_seconds:.0f} s. "
+           f"Compiled vs eager after that: **{speedup:.2f}×**; compilation pays for itself after "
+           f"{'never' if breakeven == math.inf else f'{breakeven:.0f} steps'}. bf16, RTE, length-bucketed batches, "
+           "dynamic shapes. The library does not compile by default: see the conclusion in the text above the tables."]
+    return {"compile_seconds": compile_seconds, "speedup": speedup, "step_ms": step_ms, "breakeven_steps": breakeven}, md
+
+
+# -----------------------------------------------------------------------------
 # 5. cost of Φ during training
 
 
@@ -777,6 +808,7 @@ TITLES = {
     "4": "Against the peft package", "5": "Cost of Φ during training",
     "6": "Inference with collapsed prompts; prompt length", "7": "Bank query latency",
     "8": "GPU: T5-Base-sized model", "9": "Attention kernel and where a step's time goes",
+    "10": "torch.compile",
 }
 
 
@@ -807,7 +839,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per section), to check the script")
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated section numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 with --quick, since "
                         "2 threads on 2 cores that another process also uses are ~10x slower than 1)")
@@ -839,7 +871,7 @@ def main() -> None:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(TITLES))
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-9")
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-10")
     backbone = load_backbone("embedded")
     started = time.perf_counter()
     for key in sorted(wanted):
@@ -862,6 +894,8 @@ def main() -> None:
             numbers, md = bank_latency(backbone, sizes, args)
         elif key == "9":
             numbers, md = attention_and_profile(backbone, sizes)
+        elif key == "10":
+            numbers, md = compile_cost(backbone, sizes)
         elif args.t5_device != "cuda" or torch.cuda.is_available():
             numbers, md = gpu_sections(sizes, args.t5_device, args)
         else:

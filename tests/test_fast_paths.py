@@ -101,3 +101,17 @@ def test_accelerate_two_processes_equal_one(tmp_path, tiny_bert_dir, superglue_d
         one_t, two_t = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
         for key in one_t:
             torch.testing.assert_close(one_t[key], two_t[key], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_backbone_gives_the_same_loss(tiny_bert_dir, superglue_dir):
+    from continual_rpt.backbones import BackboneConfig
+
+    plain = BackboneConfig(backbone=str(tiny_bert_dir)).load()
+    compiled = BackboneConfig(backbone=str(tiny_bert_dir), compile=True).load()
+    assert compiled.fingerprint == plain.fingerprint
+    data = load_task_data("CB", superglue_dir)
+    prompt = build_prompt(plain, PromptConfig(n_tokens=3, bottleneck=8), seed=0)
+    head = plain.new_head(data.task)
+    batch = plain.collate(plain.featurize(data.train[:8], 60))
+    losses = [b.loss(prompt(), head, batch) for b in (plain, compiled)]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
