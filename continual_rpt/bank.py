@@ -263,7 +263,8 @@ class PromptBank:
     def predict(self, name: str, examples: list[Example], backbone) -> list[int]:
         """Predicted label or choice index of every example with task `name`'s stored prompt."""
         task, prompt, head, entry = self.load_for(name, backbone)
-        return predict(backbone, prompt, head, examples, max_length=entry.config.get("train", {}).get("max_length", 256))
+        train = entry.config.get("train", {})  # predict as the entry was evaluated when it was trained
+        return predict(backbone, prompt, head, examples, max_length=train.get("max_length", 256), bf16=train.get("bf16", True))
 
 
 def task_from_meta(meta: dict, where: Path | str) -> Task:

@@ -67,6 +67,7 @@ def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
         if not resume:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         stored = json.loads(stored_path.read_text())
+        config = json.loads(json.dumps(config))  # as stored: tuples become lists
         if stored != config:
             differing = [k for k in config if stored.get(k) != config[k]]
             raise RunError(f"{stored_path}: the run was started with another stream configuration "

@@ -167,7 +167,8 @@ class SharedStrategy:
     def predict(self, name: str, task: Task, examples: list[Example]) -> list[int]:
         """Predictions of task `name` with the shared prompt as it is now and the task's own head."""
         spec = next(t for t in self.stream.tasks if t.name == name)
-        return predict(self.backbone, self.prompt.collapse(), self._head(name, task), examples, spec.train.max_length)
+        return predict(self.backbone, self.prompt.collapse(), self._head(name, task), examples, spec.train.max_length,
+                       bf16=spec.train.bf16)
 
     def finish(self, data: dict[str, TaskData]) -> None:
         """Store the final shared prompt with each task's head, so the bank answers every task."""
@@ -207,8 +208,11 @@ class MultitaskStrategy(SharedStrategy):
 def make_strategy(stream: Stream, backbone: Backbone, bank: PromptBank, out: Path):
     """The strategy object `stream.strategy` names."""
     if stream.strategy in ("naive", "ewc", "lwf", "replay", "agem"):
-        from continual_rpt.avalanche import AvalancheStrategy
-
+        try:
+            from continual_rpt.avalanche import AvalancheStrategy
+        except ModuleNotFoundError as err:
+            raise ValueError(f"strategy {stream.strategy}: needs avalanche-lib ({err}); "
+                             "install it with: pip install 'continual-rpt[avalanche]'") from err
         return AvalancheStrategy(stream, backbone, bank, out)
     classes = {"bank": BankStrategy, "progressive": ProgressiveStrategy, "shared": SharedStrategy, "multitask": MultitaskStrategy}
     return classes[stream.strategy](stream, backbone, bank, out)

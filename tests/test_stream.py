@@ -56,8 +56,11 @@ def test_three_task_stream_has_exactly_no_forgetting(tmp_path, tiny_bert_dir, su
     rows = (tmp_path / "run" / "accuracy_matrix.csv").read_text().splitlines()
     assert rows[0] == "after_task,CB,COPA,RTE" and rows[1].endswith(",,")
     assert set(metrics["per_task"]["RTE"]) >= {"prompt_tokens_in_context", "trainable_parameters", "stored_parameters", "task_seconds"}
-    assert PromptBank.open(tmp_path / "run" / "bank").tasks() == ["CB", "COPA", "RTE"]
-    assert "stored RTE" in (tmp_path / "run" / "log.txt").read_text()
+    bank = PromptBank.open(tmp_path / "run" / "bank")
+    assert bank.tasks() == ["CB", "COPA", "RTE"]
+    # The bank answers exactly as the learner scored right after training (same precision and length).
+    assert all(R[i][i] == bank.get(t).metrics["test_score"] for i, t in enumerate(["CB", "COPA", "RTE"]))
+    assert "learn RTE" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_learning_more_tasks_leaves_earlier_predictions_bit_identical(tmp_path, tiny_bert, tiny_bert_dir, superglue_dir):
@@ -214,6 +217,8 @@ def test_custom_csv_task_in_a_stream_and_predict_without_labels(tmp_path, tiny_b
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["uid"] for p in predictions] == ["my-nli/new/2", "my-nli/new/3"]
     assert all(p["prediction"] in ("entailment", "not_entailment") for p in predictions)
+    # A finished run with a custom task resumes as a no-op (its resolved config round-trips through JSON).
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
 
 
 def test_max_eval_keeps_whole_multirc_questions(tmp_path, tiny_bert_dir, superglue_dir):
