@@ -97,14 +97,14 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     state = _open_run(stream, out, resume)
     log = _logger(out)
     log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
+    # Every task's data first: a bad file or setting fails now, not hours into the stream.
+    data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
     backbone = stream.backbone.load()
     bank = PromptBank.open(out / BANK_DIR, create=True)
     strategy = make_strategy(stream, backbone, bank, out)
-    data: dict[str, TaskData] = {}
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
         bar.set_postfix(task=spec.name)
-        data[spec.name] = load_data(spec, stream.base_dir)
         if i < len(state["rows"]):
             continue
         start = time.perf_counter()

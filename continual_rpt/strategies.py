@@ -65,7 +65,7 @@ class BankStrategy:
     def learn(self, i: int, spec: TaskSpec, data: dict[str, TaskData], progress: bool) -> bool:
         """Train task i (unless an interrupted run stored it already); True when its row can be evaluated.
 
-        `data` holds the loaded splits of tasks 0..i by name.
+        `data` holds the loaded splits of every task of the stream, by name.
         """
         from continual_rpt.run import entry_for
 
