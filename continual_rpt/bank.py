@@ -36,7 +36,8 @@ META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.jso
 ENTRY_FILES = frozenset({PROMPT_FILE, HEAD_FILE, META_FILE, CONFIG_FILE, METRICS_FILE})
 INDEX_FILE, LOCK_FILE = "bank.json", ".lock"
 BANK_FORMAT = "continual-rpt-bank/1"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BankError(ValueError):
@@ -56,7 +57,7 @@ class Entry:
 
 def check_name(name: str) -> str:
     """A task name usable as a folder name: letters, digits and `_.+-`, no path separators or `..`."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise BankError(f"task name {name!r}: use letters, digits and _ . + - only (no path separators, no '..')")
     return name
 
@@ -109,6 +110,9 @@ def save_entry(folder: str | Path, entry: Entry) -> dict[str, str]:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         checksums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bank is shared like any other folder
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
@@ -124,20 +128,26 @@ def load_entry(folder: str | Path, checksums: dict[str, str] | None = None) -> E
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise BankError(f"{folder / META_FILE}: not found; {folder} is not a bank entry")
-    unexpected = sorted(p.name for p in folder.iterdir() if p.name not in ENTRY_FILES)
+    present = {p.name for p in folder.iterdir()}
+    unexpected = sorted(present - ENTRY_FILES)
     if unexpected:  # e.g. a pickle someone dropped in: refused, never opened
         raise BankError(f"{folder / unexpected[0]}: unexpected file in a bank entry; only safetensors and JSON are read "
                         f"({', '.join(sorted(ENTRY_FILES))})")
-    for name, digest in (checksums or {}).items():
-        path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
-            raise BankError(f"{path}: missing or changed since it was stored (checksum mismatch)")
+    if checksums is not None:
+        if present != set(checksums):
+            odd = sorted(present ^ set(checksums))[0]
+            raise BankError(f"{folder / odd}: the entry's files differ from those its bank index lists")
+        for name, digest in checksums.items():
+            if _sha256(folder / name) != digest:
+                raise BankError(f"{folder / name}: changed since it was stored (checksum mismatch)")
     docs = {}
     for name in (META_FILE, CONFIG_FILE, METRICS_FILE):
         try:
             docs[name] = json.loads((folder / name).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise BankError(f"{folder / name}: unreadable JSON ({err})") from err
+        if not isinstance(docs[name], dict):
+            raise BankError(f"{folder / name}: must hold a JSON object, not {type(docs[name]).__name__}")
     tensors = {}
     for name in (PROMPT_FILE, HEAD_FILE):
         if (folder / name).is_file():
@@ -176,14 +186,21 @@ class PromptBank:
     def _read_index(index_path: Path) -> dict:
         try:
             index = json.loads(index_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise BankError(f"{index_path}: unreadable bank index ({err})") from err
         if not isinstance(index, dict) or index.get("format") != BANK_FORMAT or not isinstance(index.get("entries"), list):
             raise BankError(f"{index_path}: not a {BANK_FORMAT} index (fields 'format' and 'entries')")
         for i, item in enumerate(index["entries"]):
-            if not isinstance(item, dict) or not isinstance(item.get("files"), dict):
-                raise BankError(f"{index_path}: entries[{i}] must be an object with 'name' and 'files'")
-            check_name(item.get("name"))
+            files = item.get("files") if isinstance(item, dict) else None
+            if not isinstance(files, dict) or META_FILE not in files:
+                raise BankError(f"{index_path}: entries[{i}] must be an object with 'name' and 'files' (listing {META_FILE})")
+            for name, digest in files.items():
+                if name not in ENTRY_FILES or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                    raise BankError(f"{index_path}: entries[{i}].files: {name!r} is not an entry file with a sha256")
+            try:
+                check_name(item.get("name"))
+            except BankError as err:
+                raise BankError(f"{index_path}: entries[{i}].name: {err}") from None
         return index
 
     @staticmethod
@@ -214,6 +231,12 @@ class PromptBank:
                 return load_entry(self.path / check_name(name), item["files"])
         raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
 
+    def _remove_leftovers(self) -> None:
+        """Temporary folders and index files of writers that were killed (call with the lock held)."""
+        for path in self.path.iterdir():
+            if path.name.startswith(".") and path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     def add(self, name: str, entry: Entry) -> None:
         """Store a new entry; an existing name is refused, so nothing stored is ever overwritten."""
         check_name(name)
@@ -221,6 +244,7 @@ class PromptBank:
             self.refresh()
             if name in self:
                 raise BankError(f"{self.path}: already has an entry for {name!r}; entries are never overwritten")
+            self._remove_leftovers()
             folder = self.path / name
             if folder.exists():  # left over by a writer killed before it updated the index
                 shutil.rmtree(folder)
@@ -234,8 +258,8 @@ class PromptBank:
         entry = self.get(name)
         where = self.path / name / META_FILE
         stored = entry.meta.get("backbone")
-        if not isinstance(stored, dict) or not {"fingerprint", "width"} <= stored.keys():
-            raise BankError(f"{where}: field 'backbone' must hold 'fingerprint' and 'width'")
+        if not (isinstance(stored, dict) and isinstance(stored.get("fingerprint"), str) and isinstance(stored.get("width"), int)):
+            raise BankError(f"{where}: field 'backbone' must hold 'fingerprint' (a string) and 'width' (an integer)")
         if stored["width"] != backbone.width:
             raise BankError(f"{where}: entry has width {stored['width']}, backbone {backbone.name!r} has {backbone.width}")
         if stored["fingerprint"] != backbone.fingerprint:
@@ -246,8 +270,8 @@ class PromptBank:
         if prompt is not None and (prompt.dim() != 2 or prompt.shape[1] != backbone.width):
             raise BankError(f"{self.path / name / PROMPT_FILE}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width})")
         context = entry.meta.get("context") or []
-        if not isinstance(context, list) or name in context:
-            raise BankError(f"{where}: field 'context' must list other entries of this bank")
+        if not isinstance(context, list) or name in context or not all(c in self.tasks() for c in context):
+            raise BankError(f"{where}: field 'context' must list other entries of this bank, got {context!r}")
         if context:  # Progressive Prompts: the entry's own prompt, then the earlier tasks' prompts
             prompt = torch.cat([prompt, *(self.get(other).prompt for other in context)])
         prompt = prompt.to(backbone.device) if prompt is not None else None
@@ -269,11 +293,14 @@ class PromptBank:
 
 def task_from_meta(meta: dict, where: Path | str) -> Task:
     """Rebuild an entry's task: a SuperGLUE task by name, or a custom task from its stored definition."""
-    if meta.get("custom"):
-        return custom_task(custom_config_from_dict(meta["custom"], f"{where}: custom"))
-    if not isinstance(meta.get("task"), str):
-        raise BankError(f"{where}: field 'task' must name the task")
-    return get_task(meta["task"])
+    try:
+        if meta.get("custom"):
+            return custom_task(custom_config_from_dict(meta["custom"], "custom"))
+        if not isinstance(meta.get("task"), str):
+            raise ValueError("field 'task' must name the task")
+        return get_task(meta["task"])
+    except ValueError as err:
+        raise BankError(f"{where}: {err}") from None
 
 
 def read_examples(meta: dict, path: str | Path) -> list[Example]:

@@ -9,6 +9,10 @@ from continual_rpt.backbones import Backbone, Features
 from continual_rpt.tasks import Example
 
 
+class NonFiniteScores(ValueError):
+    """Scores that cannot be ranked: the prompt or head has diverged."""
+
+
 def length_batches(features: list[Features], batch_size: int, generator: torch.Generator | None = None) -> list[list[int]]:
     """Index batches of similar length, so little of each padded batch is padding.
 
@@ -46,6 +50,8 @@ def predict_features(
         batch = backbone.collate([features[i] for i in batch_ids])
         with autocast(backbone, bf16):
             scores = backbone.scores(prompt, head, batch)
+        if torch.isnan(scores).any():  # -inf marks missing choices; NaN means the prompt has blown up
+            raise NonFiniteScores("the model's scores are NaN: the prompt (or head) holds values it cannot compute with")
         for i, choice in zip(batch_ids, scores.argmax(-1).tolist()):
             predictions[i] = choice
     return predictions

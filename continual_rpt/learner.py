@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from continual_rpt import distributed
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.evaluation import autocast, length_batches, predict_features
+from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches, predict_features
 from continual_rpt.prompts import PromptConfig, ResidualPrompt, initial_prompt
 from continual_rpt.tasks import TaskData
 
@@ -47,8 +47,12 @@ class TrainConfig:
         for name in ("eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.head_lr > 0):
-            raise ValueError("lr and head_lr: must be positive")
+        for name in ("lr", "head_lr", "weight_decay"):
+            value = getattr(self, name)
+            # Past ~1e30 AdamW's own fp32 arithmetic overflows before any loss can be checked.
+            if not (math.isfinite(value) and 0 <= value <= 1e30) or (name != "weight_decay" and value == 0):
+                low = "[0" if name == "weight_decay" else "(0"
+                raise ValueError(f"{name}: must be a finite number in {low}, 1e30], got {value}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -199,13 +203,17 @@ def _fit(
             bar.update(1)
             if step % eval_every == 0 or step == total_steps:
                 collapsed = prompt.collapse() if prompt is not None else None
-                scores = [d.task.score(d.dev, predict_all(t, collapsed, dev[t]))["score"] for t, d in enumerate(datas)]
+                try:
+                    scores = [d.task.score(d.dev, predict_all(t, collapsed, dev[t]))["score"] for t, d in enumerate(datas)]
+                except NonFiniteScores:  # finite but huge values can still overflow inside the backbone
+                    scores = [-math.inf] * len(datas)
                 score = sum(scores) / len(scores)
                 loss_mean = sum(running) / len(running) if running else math.nan
-                history.append({"step": step, "epoch": epoch + 1, "train_loss": loss_mean, "dev_score": score})
+                history.append({"step": step, "epoch": epoch + 1, "train_loss": loss_mean,
+                                "dev_score": score if math.isfinite(score) else None})
                 running = []
                 bar.set_postfix(loss=f"{loss_mean:.3f}", dev=f"{score:.1f}")
-                if score > best["score"] and (collapsed is None or torch.isfinite(collapsed).all()):
+                if score > best["score"] and math.isfinite(score) and (collapsed is None or torch.isfinite(collapsed).all()):
                     best = {"score": score, "scores": scores, "step": step, "collapsed": collapsed,
                             "prompt": snapshot(prompt), "heads": [snapshot(h) for h in heads]}
                     stale = 0

@@ -101,6 +101,10 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
     backbone = stream.backbone.load()
     bank = PromptBank.open(out / BANK_DIR, create=True)
+    for name in bank.tasks():  # a resumed run must see the data its finished entries were trained on
+        if name in data and bank.get(name).meta.get("data_files") != data[name].files:
+            raise RunError(f"{out / BANK_DIR / name}: trained on other data files than the stream reads now "
+                           f"({', '.join(data[name].files)}); restore them, or start a new run")
     strategy = make_strategy(stream, backbone, bank, out)
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):

@@ -120,7 +120,10 @@ def build(cls: type, values: object, where: str, base: object | None = None):
         kind = type(fields[key].default)
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
+            try:
+                value, ok = float(value), True
+            except OverflowError:
+                raise ValueError(f"{where}.{key}: number too large ({str(value)[:20]}…)") from None
         if not ok:
             raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} ({value!r})")
         current[key] = value
@@ -137,8 +140,8 @@ def load_stream(path: str | Path) -> Stream:
         raise FileNotFoundError(f"{path}: stream file not found")
     try:
         doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    except (yaml.YAMLError, RecursionError) as err:  # absurdly nested documents exhaust the parser's recursion
+        raise ValueError(f"{path}: not valid YAML ({type(err).__name__}: {str(err)[:200]})") from None
     return parse_stream(doc, str(path), path.resolve().parent)
 
 

@@ -68,6 +68,9 @@ WRITER = textwrap.dedent(
 
     BANK = sys.argv[1]
 
+    def say(*words):  # one write(2) per line: atomic on a pipe, so parent and children never interleave
+        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+
     def make(name):
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         prompt = torch.randn(10, 32, generator=g)
@@ -78,13 +81,13 @@ WRITER = textwrap.dedent(
     def life(prefix, count, start_at):
         try:
             bank = PromptBank.open(BANK, create=True)
-            print("opened", flush=True)
+            say("opened")
             while time.time() < start_at:
                 time.sleep(0.001)
             for i in range(count):
                 name = f"{prefix}-{i}"
                 bank.add(name, make(name))
-                print("done", name, flush=True)
+                say("done", name)
             os._exit(0)
         except BaseException:
             traceback.print_exc()
@@ -95,18 +98,18 @@ WRITER = textwrap.dedent(
         if not cmd:
             continue
         prefixes, count = cmd[1:-1], int(cmd[-1])
-        start_at = time.time() + 0.2
+        start_at = time.time() + (0.2 if len(prefixes) > 1 else 0.05)  # two writers start together
         pids = []
         for prefix in prefixes:
             pid = os.fork()
             if pid == 0:
                 life(prefix, count, start_at)
             pids.append(pid)
-        print("child", *pids, flush=True)
+        say("child", *pids)
         for pid in pids:
             _, status = os.waitpid(pid, 0)
-            print("reaped", pid, os.waitstatus_to_exitcode(status), flush=True)
-        print("idle", flush=True)
+            say("reaped", pid, os.waitstatus_to_exitcode(status))
+        say("idle")
     """
 )
 
@@ -128,11 +131,14 @@ class Writer:
 
     def until(self, first: str, seen: list) -> list[str]:
         """Collect lines into `seen` until one starts with `first`; return that one."""
+        deadline = time.time() + 60
         while True:
             try:
-                words = self.lines.get(timeout=60)
+                words = self.lines.get(timeout=1)
             except queue.Empty:
-                pytest.fail(f"writer said nothing for 60 s; last lines {seen[-5:]}")
+                assert self.proc.poll() is None, f"the writer process ended; last lines {seen[-5:]}"
+                assert time.time() < deadline, f"writer said nothing for 60 s; last lines {seen[-5:]}"
+                continue
             seen.append(words)
             if words and words[0] == first:
                 return words
@@ -171,13 +177,13 @@ def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path):
     finished: set[str] = set()
     names: list[str] = []
     opened = False
-    kills_mid_write = 0
+    lives_that_added = 0
     try:
         for life in range(15):
             seen: list = []
             writer.send("life", f"w{life}", 100000)
             pid = int(writer.until("child", seen)[1])
-            time.sleep(rng.uniform(0.0, 0.3) + 0.2)  # the writer starts adding 0.2 s after the fork
+            time.sleep(0.05 + rng.uniform(0.0, 0.3))  # the writer starts adding 0.05 s after the fork
             os.kill(pid, signal.SIGKILL)
             reaped = writer.until("reaped", seen)
             assert reaped[2] == str(-signal.SIGKILL), f"writer died on its own: {seen}"
@@ -185,11 +191,10 @@ def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path):
             opened |= ["opened"] in seen
             done = {words[1] for words in seen if words[0] == "done"}
             finished |= done
-            kills_mid_write += bool(done)
+            lives_that_added += bool(done)
             if opened:
                 names = check_bank(path, finished, names)
-        assert kills_mid_write >= 10, "most writers should have been killed while adding entries"
-        assert len(finished) >= 30
+        assert lives_that_added >= 5 and len(finished) >= 15, "the writers were killed before they could add entries"
         leftovers = [p.name for p in path.iterdir() if p.name.startswith(".") and p.name not in (".lock",)]
         print(f"{len(names)} entries after 15 kills; left-over temporary files: {leftovers}")
 
@@ -237,13 +242,15 @@ def test_run_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, ti
         while _learn_lines(log) == learned and proc.poll() is None:  # wait until this life starts learning
             assert time.time() < deadline
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, learning))
+        delay = rng.uniform(0.0, learning)
+        time.sleep(delay)
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode()
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+        print(f"kill {kills}: {delay:.2f} s into learning; last log line: {log.read_text().splitlines()[-1]}")
         bank = PromptBank.open(out / "bank")
         for name in bank.tasks():
             bank.get(name)
@@ -251,7 +258,7 @@ def test_run_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, ti
             assert stored.setdefault(name, files) == files, f"{name}'s stored files changed after a resume"
     assert kills >= 2, "the run finished before it could be interrupted"
 
-    done = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == fresh["accuracy_matrix"]
@@ -531,7 +538,7 @@ def cb16(superglue_dir):
     return load_task_data("CB", superglue_dir, max_train=16)
 
 
-@pytest.mark.parametrize("method, lr", [("rpt", 1e30), ("pt", 1e30), ("pt", 1e38)])
+@pytest.mark.parametrize("method, lr", [("rpt", 1e30), ("pt", 1e30)])
 def test_absurd_learning_rate_drops_nonfinite_steps_and_never_stores_nonfinite(tiny_bert, cb16, tmp_path, method, lr):
     cfg = TrainConfig(epochs=2, batch_size=8, max_length=96, bf16=False, lr=lr, patience=0)
     try:
@@ -540,11 +547,17 @@ def test_absurd_learning_rate_drops_nonfinite_steps_and_never_stores_nonfinite(t
         dropped = re.search(r"\((\d+) non-finite steps dropped\)", str(err))
         assert dropped and int(dropped.group(1)) > 0 and "lower --lr" in str(err)
         return
-    assert trained.metrics["skipped_nonfinite_steps"] > 0, "lr=%g produced no non-finite loss" % lr
+    assert trained.metrics["skipped_nonfinite_steps"] > 0, f"lr={lr:g} produced no non-finite loss"
     assert torch.isfinite(trained.prompt).all()
     bank = PromptBank.open(tmp_path / "bank", create=True)
     bank.add("CB", Entry(trained.prompt, trained.head, {"task": "CB"}, {}, trained.metrics))
     assert torch.isfinite(bank.get("CB").prompt).all()
+
+
+@pytest.mark.parametrize("lr", [1e38, float("inf"), float("nan"), 0.0, -0.3])
+def test_learning_rates_that_cannot_train_are_refused_up_front(lr):
+    with pytest.raises(ValueError, match="lr: must be a finite number"):
+        TrainConfig(lr=lr)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

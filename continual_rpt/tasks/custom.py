@@ -6,16 +6,15 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import metrics
 from .base import DataError, Example, Parser, Scorer, Task
-from .data import TaskData, halve, read_lines, sample
+from .data import TaskData, decode_json_line, halve, read_lines, sample
 
 METRICS = {"accuracy": ("accuracy",), "macro_f1": ("macro_f1",), "accuracy+macro_f1": ("accuracy", "macro_f1")}
 SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -174,55 +173,48 @@ def custom_task(cfg: CustomTaskConfig) -> Task:
 # --- files -----------------------------------------------------------------------------------------
 
 
-def _read_table(path: Path) -> tuple[str, list[Row]]:
-    """The sha256 of a csv/tsv file and its rows as {header column: cell}, keyed by their first physical line."""
+def _table_rows(path: Path, text: str) -> Iterator[Row]:
+    """Rows of a csv/tsv text as {header column: cell}, keyed by their first physical line, in file order."""
+    tsv = path.suffix.lower() == ".tsv"
+    # TSV files (GLUE's among them) use quote characters literally; only csv honours quoting.
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if tsv else (",", csv.QUOTE_MINIMAL)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    try:
+        header = next((cells for cells in reader if cells), [])
+        if not header:
+            raise DataError(f"{path} is empty")
+        start, any_rows = reader.line_num + 1, False
+        for cells in reader:
+            if cells:  # the reader gives [] for a blank line
+                if len(cells) != len(header):
+                    raise DataError(f"{path}:{start}: {len(cells)} cells but the header has {len(header)} columns")
+                any_rows = True
+                yield start, dict(zip(header, cells))
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: malformed {path.suffix[1:]} ({error})") from None
+    if not any_rows:
+        raise DataError(f"{path} has a header but no rows")
+
+
+def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
+    """The rows of a csv, tsv or jsonl file, checked one by one in file order; records its sha256 in `files`."""
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    if path.suffix.lower() == ".jsonl":
+        files[str(path)], lines = read_lines(path)
+        return ((number, decode_json_line(line, f"{path}:{number}")) for number, line in lines)
     data = path.read_bytes()
     try:
         # utf-8-sig: spreadsheet programs often start a csv with a byte-order mark, which would rename the first column.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error})") from None
-    tsv = path.suffix.lower() == ".tsv"
-    # TSV files (GLUE's among them) use quote characters literally; only csv honours quoting.
-    delimiter, quoting = ("\t", csv.QUOTE_NONE) if tsv else (",", csv.QUOTE_MINIMAL)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    rows: list[Row] = []
-    try:
-        header = next((cells for cells in reader if cells), [])
-        if not header:
-            raise DataError(f"{path} is empty")
-        start = reader.line_num + 1
-        for cells in reader:
-            if cells:  # the reader gives [] for a blank line
-                if len(cells) != len(header):
-                    raise DataError(f"{path}:{start}: {len(cells)} cells but the header has {len(header)} columns")
-                rows.append((start, dict(zip(header, cells))))
-            start = reader.line_num + 1
-    except csv.Error as error:
-        raise DataError(f"{path}:{reader.line_num}: malformed {path.suffix[1:]} ({error})") from None
-    if not rows:
-        raise DataError(f"{path} has a header but no rows")
-    return hashlib.sha256(data).hexdigest(), rows
+    files[str(path)] = hashlib.sha256(data).hexdigest()
+    return _table_rows(path, text)
 
 
-def _read_rows(path: Path, files: dict[str, str]) -> list[Row]:
-    """The rows of a csv, tsv or jsonl file; records its sha256 in `files`."""
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    if path.suffix.lower() != ".jsonl":
-        files[str(path)], rows = _read_table(path)
-        return rows
-    files[str(path)], lines = read_lines(path)
-    rows = []
-    for number, line in lines:
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
-    return rows
-
-
-def _parse_rows(parse: Parser, origin: str, rows: list[Row], label_column: str | None) -> list[Example]:
+def _parse_rows(parse: Parser, origin: str, rows: Iterable[Row], label_column: str | None) -> list[Example]:
     """Examples of `rows`; with a `label_column`, every row must carry a label."""
     examples = []
     for number, row in rows:
@@ -236,7 +228,7 @@ def _parse_rows(parse: Parser, origin: str, rows: list[Row], label_column: str |
 def read_custom_examples(cfg: CustomTaskConfig, path: str | Path) -> list[Example]:
     """Examples of a custom task from a csv, tsv or jsonl file; the label column is optional (for prediction)."""
     path = Path(path)
-    return _parse_rows(custom_task(cfg).parse, str(path), _read_rows(path, {}), None)
+    return _parse_rows(custom_task(cfg).parse, str(path), _iter_rows(path, {}), None)
 
 
 def _halves(rows: list[Row], origin: str, split_seed: int) -> tuple[list[Row], list[Row]]:
@@ -250,15 +242,16 @@ def _load_files(
 ) -> tuple[list[Example], list[Example], list[Example], dict[str, str]]:
     files: dict[str, str] = {}
 
-    def load(field_name: str) -> tuple[Path, list[Row]]:
+    def load(field_name: str) -> tuple[Path, Iterator[Row]]:
         path = base_dir / getattr(cfg, field_name)
-        return path, _read_rows(path, files)
+        return path, _iter_rows(path, files)
 
     train_path, train_rows = load("train")
     train = _parse_rows(task.parse, str(train_path), train_rows, cfg.label)
     if cfg.validation is not None:
         path, rows = load("validation")
-        dev, test = (_parse_rows(task.parse, str(path), half, cfg.label) for half in _halves(rows, str(path), split_seed))
+        halves = _halves(list(rows), str(path), split_seed)
+        dev, test = (_parse_rows(task.parse, str(path), half, cfg.label) for half in halves)
     else:
         dev, test = (_parse_rows(task.parse, str(path), rows, cfg.label) for path, rows in (load("dev"), load("test")))
     return train, dev, test, files

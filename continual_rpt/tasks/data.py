@@ -46,15 +46,21 @@ def read_lines(path: Path) -> tuple[str, list[Line]]:
     return hashlib.sha256(data).hexdigest(), lines
 
 
+def decode_json_line(line: str, where: str) -> object:
+    """One JSON value from a jsonl line; anything json cannot read is a DataError naming `where`."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+    except (ValueError, RecursionError) as error:  # integers past Python's digit limit; absurd nesting
+        raise DataError(f"{where}: malformed JSON ({type(error).__name__}: {str(error)[:100]})") from None
+
+
 def _parse_lines(task: Task, path: Path, lines: list[Line], *, labeled: bool) -> list[Example]:
     examples = []
     for number, line in lines:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-        parsed = task.parse(row, where)
+        parsed = task.parse(decode_json_line(line, where), where)
         if labeled and any(example.label < 0 for example in parsed):
             raise DataError(
                 f"{where}: unlabeled row (missing field 'label', or 'answers' for ReCoRD); "
