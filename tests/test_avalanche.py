@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -183,14 +185,21 @@ def test_resume_rebuilds_the_strategys_memory(tmp_path, tiny_bert_dir, superglue
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_bert_dir, superglue_dir):
-    late = tmp_path / "late"
-    path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["COPA", "RTE", {"task": "WiC", "data": {"data_dir": str(late)}}])
+    # WiC trains long enough to be killed in the middle of it, after COPA and RTE are finished.
+    tasks = ["COPA", "RTE", {"task": "WiC", "data": {"max_train": 96}, "train": {"epochs": 60}}]
+    path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks)
     out = tmp_path / "run"
-    # The third task's data is not there yet: the run stops after two tasks, as if killed there.
-    assert main(["run", str(path), "--out", str(out), "--method", "replay", "--no-progress"]) == 2
-    assert len(json.loads((out / "state.json").read_text())["rows"]) == 2
-    late.mkdir()
-    (late / "WiC").symlink_to(superglue_dir / "WiC")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "continual_rpt", "run", str(path), "--out", str(out), "--method", "replay",
+                             "--no-progress"], env=env)
+    state, deadline = out / "state.json", time.time() + 300
+    while not (state.exists() and len(json.loads(state.read_text())["rows"]) == 2):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(json.loads(state.read_text())["rows"]) == 2
     assert main(["run", str(path), "--out", str(out), "--method", "replay", "--resume", "--no-progress"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     fresh = run_stream(with_method(load_stream(path), "replay"), tmp_path / "fresh", progress=False)

@@ -86,7 +86,8 @@ def test_learning_more_tasks_leaves_earlier_predictions_bit_identical(tmp_path, 
 
 
 def test_resume_after_kill_continues_with_the_unfinished_task(tmp_path, tiny_bert_dir, superglue_dir):
-    tasks = ["CB", {"task": "RTE", "data": {"max_train": 96}, "train": {"epochs": 40}}, "COPA"]
+    # RTE trains long enough (no early stopping) to be killed in the middle of it.
+    tasks = ["CB", {"task": "RTE", "data": {"max_train": 96}, "train": {"epochs": 60, "patience": 0}}, "COPA"]
     path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks)
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -96,7 +97,7 @@ def test_resume_after_kill_continues_with_the_unfinished_task(tmp_path, tiny_ber
     while not (state.exists() and len(json.loads(state.read_text())["rows"]) == 1):
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
         time.sleep(0.05)
-    time.sleep(1.0)  # well inside RTE's training
+    time.sleep(0.5)  # inside RTE's training
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     bank = PromptBank.open(out / "bank")
