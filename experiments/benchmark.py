@@ -812,6 +812,57 @@ TITLES = {
 }
 
 
+def targets(sections: dict) -> list[str]:
+    """The issue's targets against this run's numbers, as a short list above the tables."""
+    def number(key: str, *path: str):
+        value = sections.get(key, {}).get("numbers", {})
+        for part in path:
+            value = value.get(part, {}) if isinstance(value, dict) else {}
+        return value if isinstance(value, (int, float)) else None
+
+    lines = ["## Summary against the targets", ""]
+    ratio = number("4", "ours: rpt, bf16, buckets (default)", "speedup_over_peft")
+    if ratio is not None:
+        verdict = "met" if ratio >= 2.5 else "NOT met"
+        lines.append(f"- training vs `peft` prompt tuning on the same work: **{ratio:.2f}×** (target ≥ 2.5×: {verdict}); section 4")
+    overhead = number("5", "overhead")
+    if overhead is not None:
+        lines.append(f"- Φ's cost during training: **{overhead:+.1%}** of a pt step (target ≤ 3%: {'met' if overhead <= 0.03 else 'NOT met'}); section 5")
+    padding = sections.get("3", {}).get("numbers", {})
+    official = {t: v for t, v in padding.items() if isinstance(v, dict) and v.get("origin") == "SuperGLUE train"}
+    if official:
+        computed = sum(v["sequences"] * v["mean_tokens"] / (1 - v["bucketed"]) for v in official.values())
+        real = sum(v["sequences"] * v["mean_tokens"] for v in official.values())
+        share = 1 - real / computed
+        worst = max(official, key=lambda t: official[t]["bucketed"])
+        lines.append(f"- padding with length buckets over the official SuperGLUE train sets: **{share:.1%}** of computed tokens "
+                     f"(target < 5%: {'met' if share < 0.05 else 'NOT met'}); the worst task is {worst} at "
+                     f"{official[worst]['bucketed']:.1%} (250 examples from 20 to 250 tokens, 16 per batch); section 3")
+    tasks = sections.get("2", {}).get("numbers", {}).get("tasks", {})
+    shares = [v["peak_share"] for k, v in tasks.items() if k.endswith("bf16") and isinstance(v, dict)]
+    if shares:
+        fp32 = [v["peak_share"] for k, v in tasks.items() if k.endswith("fp32") and isinstance(v, dict)]
+        top = {e["op"]: e["share"] for e in sections.get("9", {}).get("numbers", {}).get("profile_top", [])}
+        matmul = sum(top.get(op, 0.0) for op in ("aten::addmm", "aten::mm", "aten::bmm"))
+        lines.append(f"- achieved share of the matmul peak in training: bf16 {min(shares):.0%}–{max(shares):.0%}, fp32 "
+                     f"{min(fp32):.0%}–{max(fp32):.0%}; in a bf16 step matmuls take {matmul:.0%} of the time, dtype "
+                     f"copies (autocast's casts) {top.get('aten::copy_', 0.0):.0%}, and GELU, softmax, LayerNorm and "
+                     "adds most of the rest (section 9's profile); section 2")
+    eager = number("9", "bf16", "eager_speedup")
+    if eager is not None:
+        lines.append(f"- attention: eager attention is {eager:.2f}× SDPA under bf16 on this CPU (SDPA's bf16 backward is "
+                     "slow), equal in fp32, so `attention=auto` picks eager for bf16 on a CPU; section 9")
+    speedup, compile_s = number("10", "speedup"), number("10", "compile_seconds")
+    if speedup is not None and compile_s is not None:
+        breakeven = number("10", "breakeven_steps")
+        lines.append(f"- torch.compile: {speedup:.2f}× per step after {compile_s:.0f} s of compilation, paid back after "
+                     f"~{breakeven:.0f} steps; off by default (`--compile` for long runs): most CPU tasks here train "
+                     "fewer steps; section 10")
+    gpu = sections.get("8", {}).get("numbers", {}).get("gpu")
+    lines.append("- GPU: " + ("see section 8" if gpu else "no GPU was lent to this session, so section 8 has no numbers"))
+    return lines + [""]
+
+
 def write_report(out: Path, report: dict) -> None:
     """performance.json (raw numbers) and performance.md (the tables) from the merged report."""
     out.mkdir(parents=True, exist_ok=True)
@@ -825,7 +876,8 @@ def write_report(out: Path, report: dict) -> None:
               f"- versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
               f"peft {env['peft']}", f"- command: `{env['command']}`", f"- seeds: {env['seeds']}",
               "- each figure is the median over repeats; each ratio the median of within-repeat ratios", ""]
-    for key in sorted(report["sections"]):
+    lines += targets(report["sections"])
+    for key in sorted(report["sections"], key=int):
         section = report["sections"][key]
         lines += [f"## {key}. {TITLES[key]}", ""]
         if section["environment"]["date"] != env["date"] or section["environment"]["quick"]:
