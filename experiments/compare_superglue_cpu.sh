@@ -17,3 +17,13 @@ for seed in 0 1 2; do
   done
 done
 crpt compare "$out"/runs/* --out "$out/report"
+python - "$out/report/environment.json" <<'PY'
+import json, os, platform, sys, time
+import torch, transformers
+import continual_rpt
+env = {"command": "bash experiments/compare_superglue_cpu.sh", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+       f"{torch.get_num_threads()} torch threads", "python": platform.python_version(), "torch": torch.__version__,
+       "transformers": transformers.__version__, "continual_rpt": continual_rpt.__version__, "seeds": [0, 1, 2],
+       "date": time.strftime("%Y-%m-%d")}
+open(sys.argv[1], "w").write(json.dumps(env, indent=2, sort_keys=True) + "\n")
+PY
