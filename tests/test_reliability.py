@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from test_stream import write_stream
 
-from continual_rpt.bank import BankError, Entry, PromptBank, load_entry, save_entry
+from continual_rpt.bank import ENTRY_FILES, BankError, Entry, PromptBank, load_entry, save_entry
 from continual_rpt.cli import main
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
@@ -32,22 +32,6 @@ from continual_rpt.streams import load_stream
 from continual_rpt.tasks import load_task_data
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-ENTRY_FILES = {"prompt.safetensors", "head.safetensors", "entry.json", "config.json", "metrics.json"}
-
-
-def write_stream(tmp_path, tiny_bert_dir, data_dir, tasks, name="tiny.yaml", **extra):
-    doc = {
-        "name": "tiny",
-        "backbone": {"backbone": str(tiny_bert_dir)},
-        "data": {"data_dir": str(data_dir), "max_train": 16},
-        "prompt": {"n_tokens": 3, "bottleneck": 8},
-        "train": {"epochs": 1, "batch_size": 8, "max_length": 96, "bf16": False},
-        "tasks": tasks,
-        **extra,
-    }
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def snapshot(folder: Path, skip=("log.txt",)) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ from continual_rpt.run import entry_for, run_stream
 from continual_rpt.streams import load_data, load_stream
 
 
-def write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks, **extra):
+def write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks, name="tiny.yaml", **extra):
     doc = {
         "name": "tiny",
         "backbone": {"backbone": str(tiny_bert_dir)},
@@ -30,7 +30,7 @@ def write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks, **extra):
         "tasks": tasks,
         **extra,
     }
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
     return path
 
