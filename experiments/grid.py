@@ -3,9 +3,9 @@
     python experiments/grid.py experiments/first_number.yaml
 
 A grid file names tasks (with per-task `max_train`, `k_per_class`, `train` overrides), methods,
-seeds, default `prompt`/`train` settings and, optionally, `variants`: named overrides of the
-`prompt`, `train` or `data` (`max_train`, `k_per_class`) settings, e.g. `n2: {prompt: {n_tokens: 2}}`,
-crossed with every method. `controls` (e.g. `[head]`) have no prompt to vary: they run once per
+seeds, default `prompt`/`train` settings, optionally a `device` (or `--device cuda`), and
+`variants`: named overrides of the `prompt`, `train` or `data` (`max_train`, `k_per_class`)
+settings, e.g. `n2: {prompt: {n_tokens: 2}}`, crossed with every method. `controls` (e.g. `[head]`) have no prompt to vary: they run once per
 task and seed, and once per variant only for variants that change the data.
 
 Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
@@ -32,7 +32,7 @@ import yaml
 
 from continual_rpt import __version__
 from continual_rpt.backbones import load_backbone
-from continual_rpt.learner import TrainConfig, train_task
+from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.tasks import load_task_data
 
@@ -62,11 +62,11 @@ def run_name(task: str, variant: str, method: str, seed: int) -> str:
     return "-".join(str(part) for part in (task, variant, method, seed) if part != "")
 
 
-def run_grid(spec: dict, spec_path: Path) -> Path:
-    """Train every run of `spec` that has no result yet, then write the summary."""
-    out = RESULTS / spec["name"]
+def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
+    """Train every run of `spec` that has no result in `results`/<name> yet, then write the summary."""
+    out = results / spec["name"]
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    backbone = load_backbone(spec.get("backbone", "embedded"))
+    backbone = load_backbone(spec.get("backbone", "embedded"), device=spec.get("device", "cpu"))
     data_dir = Path(spec["data_dir"]).expanduser()
     if not data_dir.is_absolute():
         data_dir = (spec_path.parent / data_dir).resolve()
@@ -80,10 +80,18 @@ def run_grid(spec: dict, spec_path: Path) -> Path:
         data = load_task_data(task, data_dir, **sizes, seed=seed)
         prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": method})
         train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
-        result = train_task(backbone, data, prompt_cfg, train_cfg)
-        record = {**result.metrics, "seed": seed, "variant": variant, "history": result.history,
+        common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
                   "majority_test_score": majority_score(data),
                   "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
+        try:
+            result = train_task(backbone, data, prompt_cfg, train_cfg)
+        except TrainingDiverged as err:  # a result of the grid (e.g. a learning rate too high), not a crash
+            record = {**common, "task": task, "method": method, "diverged": str(err), "dev_score": None,
+                      "test_score": None, "history": []}
+            path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            print(f"{run_name(task, variant, method, seed):28s} diverged: {err}", flush=True)
+            continue
+        record = {**result.metrics, **common, "history": result.history}
         path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
               f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
@@ -104,21 +112,23 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     tasks = list(spec["tasks"])
     majority = {t: next((r["majority_test_score"] for r in runs if r["task"] == t), None) for t in tasks}
     rows = [("majority class", {t: "—" if v is None else f"{v:.1f}" for t, v in majority.items()}, "—")]
-    csv_lines = ["variant,method,task,seeds,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
+    csv_lines = ["variant,method,task,seeds,diverged,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
     keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
     for variant, method in keys:
         cells, averages = {}, []
         for task in tasks:
-            mine = [r for r in runs if r["task"] == task and r["method"] == method and r.get("variant", "") == variant]
+            every = [r for r in runs if r["task"] == task and r["method"] == method and r.get("variant", "") == variant]
+            mine = [r for r in every if r["test_score"] is not None]
+            diverged = len(every) - len(mine)
             if not mine:
-                cells[task] = "—"
+                cells[task] = f"diverged ({diverged})" if diverged else "—"
                 continue
             tests, devs = [r["test_score"] for r in mine], [r["dev_score"] for r in mine]
-            cells[task] = mean_std(tests)
+            cells[task] = mean_std(tests) + (f" ({diverged} diverged)" if diverged else "")
             averages.append(statistics.mean(tests))
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             speed = statistics.median(r["train_examples_per_second"] for r in mine)
-            csv_lines.append(f"{variant},{method},{task},{len(mine)},{statistics.mean(devs):.2f},{sd(devs):.2f},"
+            csv_lines.append(f"{variant},{method},{task},{len(mine)},{diverged},{statistics.mean(devs):.2f},{sd(devs):.2f},"
                              f"{statistics.mean(tests):.2f},{sd(tests):.2f},{speed:.1f}")
         label = f"{method} ({variant})" if variant else method
         rows.append((label, cells, f"{statistics.mean(averages):.1f}" if len(averages) == len(tasks) else "—"))
@@ -137,7 +147,8 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     }
     (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     header = [f"# {spec['name']}", "", spec.get("description", "").strip(), "",
-              "Test-half score (task metric mean, percent), mean ± std over seeds; dev half used for early stopping only.", ""]
+              "Test-half score (task metric mean, percent), mean ± std over seeds that trained; dev half used for early stopping only; "
+              "(k diverged): k seeds ended with no finite dev evaluation.", ""]
     (out / "summary.md").write_text("\n".join(header + table + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
     print("\n".join(table))
 
@@ -146,9 +157,13 @@ def main() -> None:
     """Parse the grid file path and run it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="YAML grid file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder that receives <name>/ (default: experiments/results)")
+    parser.add_argument("--device", help="torch device, e.g. cuda (default: the grid file's `device`, else cpu)")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
-    run_grid(spec, args.spec.resolve())
+    if args.device:
+        spec["device"] = args.device
+    run_grid(spec, args.spec.resolve(), args.results)
 
 
 if __name__ == "__main__":

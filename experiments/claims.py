@@ -1,0 +1,362 @@
+"""Tabulate and plot the paper's claims from the runs of the claims grids.
+
+    python experiments/claims.py
+
+Reads `experiments/results/claims_{methods,lr,design,fewshot}/runs/*.json` (written by
+`experiments/grid.py experiments/claims/<grid>.yaml`) and writes `experiments/results/claims/`:
+`claims.md` (every table, with the paired differences that the claims are about), one CSV per
+table, PNG plots, `init_scale.csv` (the starting scale of Φ(P) as published and scale-matched,
+measured on the backbone without training) and `environment.json`.
+
+Scores are test-half scores (dev half for early stopping only), mean ± sample std over seeds. An
+"average" is the mean over the grid's tasks, taken per seed first, so its std is over seeds too.
+A difference "a − b" pairs runs of the same seed (same data sample and same initial P).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import torch
+import transformers
+
+from continual_rpt import __version__
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRIDS = ("methods", "lr", "design", "fewshot")
+METHOD_COLORS = {"rpt": "tab:blue", "pt": "tab:orange", "pt-mlp": "tab:green", "head": "grey"}
+
+
+def load_grid(results: Path, grid: str) -> list[dict]:
+    """Every run record of one claims grid (an empty list if the grid has not run)."""
+    return [json.loads(p.read_text()) for p in sorted((results / f"claims_{grid}" / "runs").glob("*.json"))]
+
+
+def select(runs: list[dict], method: str, variant: str = "") -> list[dict]:
+    """The runs of one method and variant."""
+    return [r for r in runs if r["method"] == method and r.get("variant", "") == variant]
+
+
+def finished(runs: list[dict]) -> list[dict]:
+    """The runs that trained (a diverged run has no scores)."""
+    return [r for r in runs if r["test_score"] is not None]
+
+
+def tasks_of(runs: list[dict]) -> list[str]:
+    """Task names in first-seen order."""
+    return list(dict.fromkeys(r["task"] for r in runs))
+
+
+def per_seed_average(runs: list[dict], tasks: list[str], key: str = "test_score") -> dict[int, float]:
+    """seed -> mean of `key` over `tasks`, for the seeds that have every task."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in finished(runs):
+        by_seed.setdefault(r["seed"], {})[r["task"]] = r[key]
+    return {s: statistics.mean(v[t] for t in tasks) for s, v in sorted(by_seed.items()) if all(t in v for t in tasks)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value); NaNs for none."""
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def show(mean: float, std: float, signed: bool = False) -> str:
+    """'mean ± std' with one decimal, '—' when there is nothing."""
+    if mean != mean:
+        return "—"
+    return f"{mean:+.1f} ± {std:.1f}" if signed else f"{mean:.1f} ± {std:.1f}"
+
+
+def score_rows(runs: list[dict], rows: list[tuple[str, str, str]], tasks: list[str]) -> list[dict]:
+    """One row per (label, method, variant): per-task and average test mean/std over seeds, seed count."""
+    out = []
+    for label, method, variant in rows:
+        mine = select(runs, method, variant)
+        row = {"row": label, "method": method, "variant": variant, "seeds": len(per_seed_average(mine, tasks)),
+               "diverged": len(mine) - len(finished(mine))}
+        for task in tasks:
+            row[task] = mean_std([r["test_score"] for r in finished(mine) if r["task"] == task])
+        row["average"] = mean_std(list(per_seed_average(mine, tasks).values()))
+        out.append(row)
+    return out
+
+
+def majority_row(runs: list[dict], tasks: list[str]) -> dict:
+    """The majority-class score per task (it does not depend on the seed for full training sets)."""
+    row = {"row": "majority class", "method": "", "variant": "", "seeds": 0, "diverged": 0}
+    for task in tasks:
+        row[task] = mean_std([r["majority_test_score"] for r in runs if r["task"] == task and r["method"] == "head"])
+    row["average"] = mean_std([])
+    return row
+
+
+def paired_difference(runs: list[dict], a: tuple[str, str], b: tuple[str, str], tasks: list[str]) -> tuple[float, float, int]:
+    """Mean ± std over seeds of average(a) − average(b), seeds paired; and the number of pairs."""
+    first, second = per_seed_average(select(runs, *a), tasks), per_seed_average(select(runs, *b), tasks)
+    diffs = [first[s] - second[s] for s in first if s in second]
+    return (*mean_std(diffs), len(diffs))
+
+
+def markdown(rows: list[dict], tasks: list[str]) -> list[str]:
+    """A score table as Markdown lines."""
+    lines = ["| | " + " | ".join(tasks) + " | average | seeds |", "|---" * (len(tasks) + 3) + "|"]
+    for row in rows:
+        seeds = f"{row['seeds'] or '—'}" + (f" ({row['diverged']} diverged)" if row["diverged"] else "")
+        lines.append(f"| {row['row']} | " + " | ".join(show(*row[t]) for t in tasks) + f" | {show(*row['average'])} | {seeds} |")
+    return lines
+
+
+def write_csv(path: Path, rows: list[dict], tasks: list[str]) -> None:
+    """A score table as CSV: mean and std columns per task and for the average."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["row", "method", "variant", "seeds", "diverged_runs"] + [f"{c}_{s}" for c in (*tasks, "average") for s in ("mean", "std")])
+        for row in rows:
+            values = [f"{v:.2f}" if v == v else "" for c in (*tasks, "average") for v in row[c]]
+            writer.writerow([row["row"], row["method"], row["variant"], row["seeds"], row["diverged"], *values])
+
+
+def difference_lines(runs: list[dict], pairs: list[tuple[str, tuple[str, str], tuple[str, str]]], tasks: list[str]) -> list[str]:
+    """Markdown bullet lines of paired differences of the task-averaged score."""
+    lines = []
+    for label, a, b in pairs:
+        mean, std, n = paired_difference(runs, a, b, tasks)
+        lines.append(f"- {label}: {show(mean, std, signed=True)} points ({n} paired seeds)")
+    return lines
+
+
+def line_plot(path: Path, title: str, xlabel: str, xs: list, series: dict[str, list[tuple[float, float]]],
+              floor: tuple[float, float] | None, log_x: bool = False) -> None:
+    """Average test score against a setting, one line per method (error bars: std over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, points in series.items():
+        ax.errorbar(range(len(xs)) if not log_x else xs, [m for m, _ in points], yerr=[s for _, s in points],
+                    marker="o", capsize=3, label=method, color=METHOD_COLORS.get(method))
+    if floor is not None and floor[0] == floor[0]:
+        ax.axhline(floor[0], color="grey", linestyle="--", label="head-only control")
+        ax.axhspan(floor[0] - floor[1], floor[0] + floor[1], color="grey", alpha=0.15)
+    if log_x:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(xs if log_x else range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test score, task average (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def section(out: Path, name: str, title: str, runs: list[dict], rows: list[tuple[str, str, str]], notes: list[str]) -> list[str]:
+    """Write one claim's CSV and return its Markdown: the table, the majority row, then notes."""
+    tasks = tasks_of(runs)
+    table = score_rows(runs, rows, tasks) + [majority_row(runs, tasks)]
+    write_csv(out / f"{name}.csv", table, tasks)
+    return [f"## {title}", "", *markdown(table, tasks), "", *notes, ""]
+
+
+def methods_and_length(out: Path, runs: list[dict]) -> list[str]:
+    """Claims 1 and 2: rpt vs pt vs pt-mlp at n = 2, 10, 100."""
+    if not runs:
+        return ["## Claims 1–2: methods and prompt length", "", "Not run yet.", ""]
+    tasks, lengths, methods = tasks_of(runs), ("n2", "n10", "n100"), ("rpt", "pt", "pt-mlp")
+    rows = [("head-only control", "head", "")] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods]
+    pairs = [(f"rpt − pt at n={v[1:]}", ("rpt", v), ("pt", v)) for v in lengths]
+    pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths]
+    pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100")),
+              ("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
+              ("pt at n=10 − head-only", ("pt", "n10"), ("head", ""))]
+    series = {m: [mean_std(list(per_seed_average(select(runs, m, v), tasks).values())) for v in lengths] for m in methods}
+    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    line_plot(out / "prompt_length.png", "Prompt length (claims 1–2)", "prompt tokens n", [2, 10, 100], series, head)
+    return section(out, "methods_length", "Claims 1–2: rpt vs pt vs pt-mlp, prompt length n ∈ {2, 10, 100}",
+                   runs, rows, ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
+
+
+def learning_rate(out: Path, runs: list[dict]) -> list[str]:
+    """Claim 3: the spread of scores over learning rates."""
+    if not runs:
+        return ["## Claim 3: learning-rate robustness", "", "Not run yet.", ""]
+    tasks = tasks_of(runs)
+    lrs = sorted({r["variant"] for r in runs if r["variant"]}, key=lambda v: float(v[2:]))
+    rows = [("head-only control", "head", "")] + [(f"{m}, lr {v[2:]}", m, v) for m in ("rpt", "pt") for v in lrs]
+    notes = ["Spread (max − min over learning rates of the seed-mean task average):"]
+    series = {}
+    for method in ("rpt", "pt"):
+        means = {v: mean_std(list(per_seed_average(select(runs, method, v), tasks).values())) for v in lrs}
+        series[method] = [means[v] for v in lrs]
+        paper = [means[v][0] for v in lrs if float(v[2:]) >= 0.01 and means[v][0] == means[v][0]]
+        every = [m for m, _ in means.values() if m == m]
+        failed = {v[2:]: len(select(runs, method, v)) - len(finished(select(runs, method, v))) for v in lrs}
+        if any(failed.values()):
+            notes.append(f"- {method} diverged (no finite dev evaluation) at: "
+                         + ", ".join(f"lr {lr} in {k} of {len(select(runs, method, 'lr' + lr))} runs" for lr, k in failed.items() if k))
+        if every:
+            notes.append(f"- {method}: {max(paper) - min(paper):.1f} points over lr 0.01–10 (the paper's range for its "
+                         f"< 2 points claim), {max(every) - min(every):.1f} over all six; best lr "
+                         f"{max(means, key=lambda v: means[v][0])[2:]}")
+    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    line_plot(out / "learning_rate.png", "Learning-rate robustness (claim 3)", "learning rate of P and Φ",
+              [float(v[2:]) for v in lrs], series, head, log_x=True)
+    return section(out, "learning_rate", "Claim 3: learning-rate robustness, lr ∈ {0.001, 0.01, 0.03, 0.3, 1, 10}",
+                   runs, rows, notes)
+
+
+def design(out: Path, runs: list[dict], scale_lines: list[str]) -> list[str]:
+    """Claim 4 and the scale question: bottleneck m, shared vs per-token φ, LayerNorm, scale-matched output."""
+    if not runs:
+        return ["## Claim 4: design of φ, and φ's output scale", "", "Not run yet.", ""]
+    tasks, widths = tasks_of(runs), ("m10", "m50", "m100", "m400", "m1500")
+    rows = [("head-only control", "head", "")] + [(f"rpt, m={v[1:]}" + (" (as published: shared, LayerNorm)" if v == "m400" else ""), "rpt", v) for v in widths]
+    rows += [("rpt, one φ per token (m=400)", "rpt", "per-token"), ("rpt, no LayerNorm (m=400)", "rpt", "no-layernorm"),
+             ("rpt, output scale matched to the embeddings (m=400)", "rpt", "scale-matched")]
+    pairs = [("per-token − shared", ("rpt", "per-token"), ("rpt", "m400")),
+             ("no LayerNorm − LayerNorm", ("rpt", "no-layernorm"), ("rpt", "m400")),
+             ("scale-matched − as published", ("rpt", "scale-matched"), ("rpt", "m400")),
+             ("m=1500 − m=10", ("rpt", "m1500"), ("rpt", "m10")),
+             ("m=50 − m=10", ("rpt", "m50"), ("rpt", "m10"))]
+    series = {"rpt": [mean_std(list(per_seed_average(select(runs, "rpt", v), tasks).values())) for v in widths]}
+    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    line_plot(out / "bottleneck.png", "Bottleneck width (claim 4)", "bottleneck m", [10, 50, 100, 400, 1500], series, head, log_x=True)
+    notes = ["Paired differences of the task average (m=400 shared with LayerNorm is the reference):",
+             *difference_lines(runs, pairs, tasks), "", *scale_lines]
+    return section(out, "design", "Claim 4: bottleneck m, shared vs per-token φ, LayerNorm; φ's output scale", runs, rows, notes)
+
+
+def few_shot(out: Path, runs: list[dict]) -> list[str]:
+    """Claim 5: 5, 20 and 100 training examples per class."""
+    if not runs:
+        return ["## Claim 5: few-shot", "", "Not run yet.", ""]
+    tasks = tasks_of(runs)
+    ks = sorted({r["variant"] for r in runs}, key=lambda v: int(v[1:]))
+    rows = [(f"{m}, k={v[1:]}", m, v) for v in ks for m in ("head", "rpt", "pt")]
+    pairs = [(f"rpt − pt at k={v[1:]}", ("rpt", v), ("pt", v)) for v in ks]
+    pairs += [(f"rpt − head-only at k={v[1:]}", ("rpt", v), ("head", v)) for v in ks]
+    series = {m: [mean_std(list(per_seed_average(select(runs, m, v), tasks).values())) for v in ks] for m in ("rpt", "pt", "head")}
+    line_plot(out / "few_shot.png", "Few-shot (claim 5)", "training examples per class", [int(v[1:]) for v in ks], series, None)
+    return section(out, "few_shot", "Claim 5: few-shot, k ∈ {5, 20, 100} examples per class", runs, rows,
+                   ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
+
+
+def convergence(out: Path, runs: list[dict]) -> list[str]:
+    """Claim 6: dev score against training steps (the methods grid evaluates dev every 10 steps)."""
+    if not runs:
+        return ["## Claim 6: convergence", "", "Not run yet.", ""]
+    tasks, lengths = tasks_of(runs), ("n2", "n10", "n100")
+    fig, axes = plt.subplots(len(tasks), len(lengths), figsize=(4.2 * len(lengths), 3.2 * len(tasks)), squeeze=False)
+    lines = ["| task | n | method | dev curve mean (area under the curve ÷ steps) | step of best dev | seeds |", "|---|---|---|---|---|---|"]
+    csv_lines = ["task,n,method,dev_auc_mean,dev_auc_std,best_step_mean,best_step_std,seeds"]
+    for i, task in enumerate(tasks):
+        for j, variant in enumerate(lengths):
+            ax = axes[i][j]
+            for method in ("head", "rpt", "pt", "pt-mlp"):
+                mine = [r for r in finished(select(runs, method, "" if method == "head" else variant)) if r["task"] == task]
+                if not mine:
+                    continue
+                steps = [h["step"] for h in mine[0]["history"]]
+                curves = [[h["dev_score"] if h["dev_score"] is not None else float("nan") for h in r["history"]] for r in mine]
+                mean = [statistics.mean(c[k] for c in curves) for k in range(min(map(len, curves)))]
+                ax.plot(steps[:len(mean)], mean, label=method, color=METHOD_COLORS[method],
+                        linestyle="--" if method == "head" else "-")
+                if method == "head" and j > 0:
+                    continue  # the control has no n: one row in the table
+                auc = mean_std([statistics.mean(c) for c in curves])
+                best = mean_std([float(r["best_step"]) for r in mine])
+                shown_n = "—" if method == "head" else variant[1:]
+                lines.append(f"| {task} | {shown_n} | {method} | {show(*auc)} | {best[0]:.0f} ± {best[1]:.0f} | {len(mine)} |")
+                csv_lines.append(f"{task},{'' if method == 'head' else variant[1:]},{method},{auc[0]:.2f},{auc[1]:.2f},{best[0]:.1f},{best[1]:.1f},{len(mine)}")
+            ax.set_title(f"{task}, n={variant[1:]}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel("dev score (%)")
+    axes[0][0].legend()
+    fig.suptitle("Dev score against training steps, mean over seeds (claim 6)")
+    fig.tight_layout()
+    fig.savefig(out / "convergence.png", dpi=120)
+    plt.close(fig)
+    (out / "convergence.csv").write_text("\n".join(csv_lines) + "\n")
+    return ["## Claim 6: convergence (dev score every 10 steps; no early stopping in this grid)", "", *lines, "",
+            "The curve mean is the dev score averaged over all evaluations of a run: higher means it got "
+            "good sooner and stayed there. The dev half is small (CB 28, COPA 50 examples).", ""]
+
+
+def init_scale(out: Path, seeds: list[int]) -> list[str]:
+    """Starting scale of Φ(P) on the embedded backbone, as published and scale-matched (no training)."""
+    from continual_rpt.backbones import load_backbone
+    from continual_rpt.learner import build_prompt
+    from continual_rpt.prompts import PromptConfig
+
+    backbone = load_backbone("embedded")
+    rows = ["| φ's output | word embedding norm | ‖P_i‖ | ‖φ(P_i)‖ | ‖Φ(P_i)‖ | share of P in Φ(P) (‖P‖/‖Φ(P)‖) | mean pairwise cosine of the n Φ(P_i) |",
+            "|---|---|---|---|---|---|---|"]
+    csv_lines = ["config,seed,embedding_norm,p_norm,phi_norm,prompt_norm,p_share,pairwise_cosine"]
+    for label, matched in (("as published", False), ("scale-matched", True)):
+        stats = []
+        for seed in seeds:
+            prompt = build_prompt(backbone, PromptConfig(method="rpt", n_tokens=10, match_embedding_scale=matched), seed)
+            with torch.no_grad():
+                p, full = prompt.prompt, prompt()
+                unit = torch.nn.functional.normalize(full, dim=1)
+                cos = unit @ unit.T
+                n = cos.shape[0]
+                stat = (p.norm(dim=1).mean().item(), (full - p).norm(dim=1).mean().item(), full.norm(dim=1).mean().item(),
+                        (p.norm() / full.norm()).item(), ((cos.sum() - n) / (n * (n - 1))).item())
+            stats.append(stat)
+            csv_lines.append(f"{label},{seed},{backbone.embedding_norm:.4f}," + ",".join(f"{v:.4f}" for v in stat))
+        mean = [statistics.mean(s[k] for s in stats) for k in range(5)]
+        rows.append(f"| {label} | {backbone.embedding_norm:.2f} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {mean[3]:.3f} | {mean[4]:.2f} |")
+    (out / "init_scale.csv").write_text("\n".join(csv_lines) + "\n")
+    return ["φ's output scale at initialisation (embedded backbone, n=10, m=400, mean over seeds "
+            f"{', '.join(map(str, seeds))}; no training):", "", *rows]
+
+
+def write_claims(results: Path = RESULTS) -> Path:
+    """Read the claims grids' runs under `results` and write `results`/claims/."""
+    out = results / "claims"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {grid: load_grid(results, grid) for grid in GRIDS}
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs}) or [0, 1, 2]
+    threads = sorted({r.get("torch_threads", "unrecorded") for rs in runs.values() for r in rs}, key=str)
+    text = ["# The paper's claims at CPU scale", "",
+            "Embedded all-MiniLM-L6-v2 (frozen), official SuperGLUE files; dev = first half of the validation "
+            "set shuffled with seed 42 (early stopping only), test = second half (reported). "
+            "Test-half scores in percent, mean ± sample std over seeds. Paired differences pair runs of one seed.", "",
+            *methods_and_length(out, runs["methods"]), *learning_rate(out, runs["lr"]),
+            *design(out, runs["design"], init_scale(out, seeds)), *few_shot(out, runs["fewshot"]),
+            *convergence(out, runs["methods"])]
+    env = {
+        "commands": [f"python experiments/grid.py experiments/claims/{g}.yaml" for g in GRIDS] + ["python experiments/claims.py"],
+        "runs": {g: len(rs) for g, rs in runs.items()}, "seeds": seeds, "torch_threads_of_runs": threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": __version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    text += ["```", json.dumps(env, indent=2, sort_keys=True), "```", ""]
+    (out / "claims.md").write_text("\n".join(text))
+    return out
+
+
+def main() -> None:
+    """Parse the results folder and write the claims report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder holding claims_<grid>/ (default: experiments/results)")
+    print(f"wrote {write_claims(parser.parse_args().results)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

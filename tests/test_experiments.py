@@ -1,0 +1,87 @@
+"""The experiment runner (experiments/grid.py) and the claims report (experiments/claims.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import claims  # noqa: E402
+import grid  # noqa: E402
+
+
+def record(task, method, variant, seed, test, dev=50.0, history=None):
+    """A run record with the fields the claims report reads."""
+    return {"task": task, "method": method, "variant": variant, "seed": seed, "test_score": test, "dev_score": dev,
+            "majority_test_score": 30.0, "best_step": 10, "history": history or [{"step": 10, "dev_score": dev}]}
+
+
+def test_paired_difference_pairs_seeds_and_averages_tasks_first():
+    runs = [record("CB", "rpt", "", 0, 60), record("COPA", "rpt", "", 0, 70),
+            record("CB", "rpt", "", 1, 50), record("COPA", "rpt", "", 1, 50),
+            record("CB", "pt", "", 0, 50), record("COPA", "pt", "", 0, 60),
+            record("CB", "pt", "", 1, 60), record("COPA", "pt", "", 1, 40),
+            record("CB", "pt", "", 2, 99)]  # seed 2 has no COPA and no rpt partner: left out
+    tasks = ["CB", "COPA"]
+    assert claims.per_seed_average(claims.select(runs, "pt"), tasks) == {0: 55.0, 1: 50.0}
+    mean, std, pairs = claims.paired_difference(runs, ("rpt", ""), ("pt", ""), tasks)
+    # seed 0: 65 - 55 = 10; seed 1: 50 - 50 = 0
+    assert (mean, pairs) == (5.0, 2)
+    assert std == pytest.approx(7.0710678)
+
+
+def test_learning_rate_section_reports_spread_over_the_papers_range(tmp_path):
+    runs = [record("CB", "head", "", 0, 55)]
+    for lr, score in {"lr0.001": 20, "lr0.01": 50, "lr0.3": 53, "lr10": 51}.items():
+        runs.append(record("CB", "rpt", lr, 0, score))
+        runs.append(record("CB", "pt", lr, 0, score - 10 if lr == "lr10" else score))
+    text = "\n".join(claims.learning_rate(tmp_path, runs))
+    assert "- rpt: 3.0 points over lr 0.01–10" in text and "33.0 over all six; best lr 0.3" in text
+    assert "- pt: 12.0 points over lr 0.01–10" in text
+    assert "| head-only control | 55.0 ± 0.0 |" in text
+    assert (tmp_path / "learning_rate.png").stat().st_size > 0
+    rows = (tmp_path / "learning_rate.csv").read_text().splitlines()
+    assert rows[0].startswith("row,method,variant,seeds,diverged_runs,CB_mean,CB_std")
+    assert '"rpt, lr 0.001",rpt,lr0.001,1,0,20.00,0.00,20.00,0.00' in rows
+
+
+@pytest.mark.slow
+def test_grid_runs_resumes_and_feeds_the_claims_report(tmp_path, tiny_bert_dir, superglue_dir):
+    spec = {"name": "claims_methods", "backbone": str(tiny_bert_dir), "data_dir": str(superglue_dir),
+            "seeds": [0, 1], "methods": ["rpt", "pt"], "controls": ["head"],
+            "variants": {"n2": {"prompt": {"n_tokens": 2}}, "n10": {"prompt": {"n_tokens": 10}}},
+            "train": {"epochs": 2, "batch_size": 8, "max_length": 64, "patience": 0, "eval_every": 2},
+            "tasks": {"CB": {"max_train": 16}}}
+    out = grid.run_grid(spec, tmp_path / "grid.yaml", tmp_path)
+    files = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert files == ["CB-head-0.json", "CB-head-1.json", "CB-n10-pt-0.json", "CB-n10-pt-1.json", "CB-n10-rpt-0.json",
+                     "CB-n10-rpt-1.json", "CB-n2-pt-0.json", "CB-n2-pt-1.json", "CB-n2-rpt-0.json", "CB-n2-rpt-1.json"]
+    first = json.loads((out / "runs" / "CB-n2-rpt-0.json").read_text())
+    assert first["prompt_config"]["n_tokens"] == 2 and first["train_examples"] == 16
+    assert [h["step"] for h in first["history"]] == [2, 2 * 2]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    grid.run_grid(spec, tmp_path / "grid.yaml", tmp_path)  # a finished grid trains nothing again
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+    assert "| rpt (n2) |" in (out / "summary.md").read_text()
+
+    runs = claims.load_grid(tmp_path, "methods")
+    text = "\n".join(claims.methods_and_length(tmp_path, runs) + claims.convergence(tmp_path, runs))
+    rpt = [r["test_score"] for r in runs if r["method"] == "rpt" and r["variant"] == "n2"]
+    pt = [r["test_score"] for r in runs if r["method"] == "pt" and r["variant"] == "n2"]
+    mean, std = claims.mean_std([a - b for a, b in zip(rpt, pt)])
+    assert f"- rpt − pt at n=2: {claims.show(mean, std, signed=True)} points (2 paired seeds)" in text
+    assert "| CB | 2 | rpt |" in text and "| CB | — | head |" in text
+    for name in ("prompt_length.png", "convergence.png", "methods_length.csv", "convergence.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    # A run that diverged is a result: counted next to the scores, never averaged in.
+    diverged = {**first, "seed": 2, "diverged": "CB: no dev evaluation produced a finite prompt", "test_score": None,
+                "dev_score": None, "history": []}
+    (out / "runs" / "CB-n2-rpt-2.json").write_text(json.dumps(diverged))
+    grid.write_summary(out, spec, tmp_path / "grid.yaml")
+    assert f"| rpt (n2) | {grid.mean_std(rpt)} (1 diverged) |" in (out / "summary.md").read_text()
+    text = "\n".join(claims.methods_and_length(tmp_path, claims.load_grid(tmp_path, "methods")))
+    assert "| 2 (1 diverged) |" in text
+    assert f"- rpt − pt at n=2: {claims.show(mean, std, signed=True)} points (2 paired seeds)" in text
