@@ -2,7 +2,7 @@
 
     python experiments/claims.py
 
-Reads `experiments/results/claims_{methods,lr,design,fewshot}/runs/*.json` (written by
+Reads `experiments/results/claims_{methods,lr,init,design,fewshot}/runs/*.json` (written by
 `experiments/grid.py experiments/claims/<grid>.yaml`) and writes `experiments/results/claims/`:
 `claims.md` (every table, with the paired differences that the claims are about), one CSV per
 table, PNG plots, `init_scale.csv` (the starting scale of Φ(P) as published and scale-matched,
@@ -35,7 +35,7 @@ import transformers
 from continual_rpt import __version__
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GRIDS = ("methods", "lr", "design", "fewshot")
+GRIDS = ("methods", "lr", "init", "design", "fewshot")
 METHOD_COLORS = {"rpt": "tab:blue", "pt": "tab:orange", "pt-mlp": "tab:green", "head": "grey"}
 
 
@@ -78,6 +78,7 @@ def show(mean: float, std: float, signed: bool = False) -> str:
     """'mean ± std' with one decimal, '—' when there is nothing."""
     if mean != mean:
         return "—"
+    mean = round(mean, 1) + 0.0  # no "-0.0"
     return f"{mean:+.1f} ± {std:.1f}" if signed else f"{mean:.1f} ± {std:.1f}"
 
 
@@ -217,6 +218,18 @@ def learning_rate(out: Path, runs: list[dict]) -> list[str]:
                    runs, rows, notes)
 
 
+def initialisation(out: Path, runs: list[dict]) -> list[str]:
+    """Robustness to the prompt's initialisation: sampled vocabulary embeddings vs uniform noise."""
+    if not runs:
+        return ["## Robustness to initialisation", "", "Not run yet.", ""]
+    tasks = tasks_of(runs)
+    rows = [("head-only control", "head", "")] + [(f"{m}, {v} init", m, v) for m in ("rpt", "pt") for v in ("vocab", "uniform")]
+    pairs = [(f"{m}: uniform − vocab", (m, "uniform"), (m, "vocab")) for m in ("rpt", "pt")]
+    pairs += [(f"rpt − pt with {v} init", ("rpt", v), ("pt", v)) for v in ("vocab", "uniform")]
+    return section(out, "initialisation", "Robustness to initialisation: vocab vs uniform P (n=10, lr 0.3)", runs, rows,
+                   ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
+
+
 def design(out: Path, runs: list[dict], scale_lines: list[str]) -> list[str]:
     """Claim 4 and the scale question: bottleneck m, shared vs per-token φ, LayerNorm, scale-matched output."""
     if not runs:
@@ -253,45 +266,61 @@ def few_shot(out: Path, runs: list[dict]) -> list[str]:
                    ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
 
 
+def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and the mean over runs of one history field (runs of one setting share their steps)."""
+    steps = [h["step"] for h in runs[0]["history"]]
+    curves = [[h[key] if h[key] is not None else float("nan") for h in r["history"]] for r in runs]
+    length = min(map(len, curves))
+    return steps[:length], [statistics.mean(c[k] for c in curves) for k in range(length)]
+
+
 def convergence(out: Path, runs: list[dict]) -> list[str]:
-    """Claim 6: dev score against training steps (the methods grid evaluates dev every 10 steps)."""
+    """Claim 6: dev score and training loss against training steps (the methods grid evaluates every 10 steps)."""
     if not runs:
         return ["## Claim 6: convergence", "", "Not run yet.", ""]
-    tasks, lengths = tasks_of(runs), ("n2", "n10", "n100")
-    fig, axes = plt.subplots(len(tasks), len(lengths), figsize=(4.2 * len(lengths), 3.2 * len(tasks)), squeeze=False)
-    lines = ["| task | n | method | dev curve mean (area under the curve ÷ steps) | step of best dev | seeds |", "|---|---|---|---|---|---|"]
-    csv_lines = ["task,n,method,dev_auc_mean,dev_auc_std,best_step_mean,best_step_std,seeds"]
-    for i, task in enumerate(tasks):
-        for j, variant in enumerate(lengths):
-            ax = axes[i][j]
-            for method in ("head", "rpt", "pt", "pt-mlp"):
-                mine = [r for r in finished(select(runs, method, "" if method == "head" else variant)) if r["task"] == task]
-                if not mine:
-                    continue
-                steps = [h["step"] for h in mine[0]["history"]]
-                curves = [[h["dev_score"] if h["dev_score"] is not None else float("nan") for h in r["history"]] for r in mine]
-                mean = [statistics.mean(c[k] for c in curves) for k in range(min(map(len, curves)))]
-                ax.plot(steps[:len(mean)], mean, label=method, color=METHOD_COLORS[method],
-                        linestyle="--" if method == "head" else "-")
-                if method == "head" and j > 0:
-                    continue  # the control has no n: one row in the table
-                auc = mean_std([statistics.mean(c) for c in curves])
-                best = mean_std([float(r["best_step"]) for r in mine])
-                shown_n = "—" if method == "head" else variant[1:]
-                lines.append(f"| {task} | {shown_n} | {method} | {show(*auc)} | {best[0]:.0f} ± {best[1]:.0f} | {len(mine)} |")
-                csv_lines.append(f"{task},{'' if method == 'head' else variant[1:]},{method},{auc[0]:.2f},{auc[1]:.2f},{best[0]:.1f},{best[1]:.1f},{len(mine)}")
-            ax.set_title(f"{task}, n={variant[1:]}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel("dev score (%)")
-    axes[0][0].legend()
-    fig.suptitle("Dev score against training steps, mean over seeds (claim 6)")
-    fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=120)
-    plt.close(fig)
+    tasks, lengths, methods = tasks_of(runs), ("n2", "n10", "n100"), ("head", "rpt", "pt", "pt-mlp")
+
+    def runs_of(task: str, method: str, variant: str) -> list[dict]:
+        return [r for r in finished(select(runs, method, "" if method == "head" else variant)) if r["task"] == task]
+
+    for key, ylabel, name in (("dev_score", "dev score (%)", "convergence.png"),
+                              ("train_loss", "training loss since the last evaluation", "convergence_loss.png")):
+        fig, axes = plt.subplots(len(tasks), len(lengths), figsize=(4.2 * len(lengths), 3.2 * len(tasks)), squeeze=False)
+        for i, task in enumerate(tasks):
+            for j, variant in enumerate(lengths):
+                ax = axes[i][j]
+                for method in methods:
+                    if mine := runs_of(task, method, variant):
+                        ax.plot(*mean_curve(mine, key), label=method, color=METHOD_COLORS[method],
+                                linestyle="--" if method == "head" else "-")
+                ax.set_title(f"{task}, n={variant[1:]}")
+                ax.set_xlabel("training step")
+                ax.set_ylabel(ylabel)
+        axes[0][0].legend()
+        fig.suptitle(f"{ylabel[0].upper() + ylabel[1:]} against training steps, mean over seeds (claim 6)")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+    lines = ["| task | n | method | dev curve mean | step of best dev | final training loss | seeds |", "|---|---|---|---|---|---|---|"]
+    csv_lines = ["task,n,method,dev_curve_mean,dev_curve_std,best_step_mean,best_step_std,final_loss_mean,final_loss_std,seeds"]
+    for task in tasks:
+        for method, variant in [("head", "")] + [(m, v) for v in lengths for m in methods[1:]]:
+            if not (mine := runs_of(task, method, variant)):
+                continue
+            auc = mean_std([statistics.mean(h["dev_score"] for h in r["history"] if h["dev_score"] is not None) for r in mine])
+            best = mean_std([float(r["best_step"]) for r in mine])
+            loss = mean_std([r["history"][-1]["train_loss"] for r in mine])
+            lines.append(f"| {task} | {variant[1:] or '—'} | {method} | {show(*auc)} | {best[0]:.0f} ± {best[1]:.0f} | "
+                         f"{loss[0]:.3f} ± {loss[1]:.3f} | {len(mine)} |")
+            csv_lines.append(f"{task},{variant[1:]},{method},{auc[0]:.2f},{auc[1]:.2f},{best[0]:.1f},{best[1]:.1f},"
+                             f"{loss[0]:.4f},{loss[1]:.4f},{len(mine)}")
     (out / "convergence.csv").write_text("\n".join(csv_lines) + "\n")
-    return ["## Claim 6: convergence (dev score every 10 steps; no early stopping in this grid)", "", *lines, "",
-            "The curve mean is the dev score averaged over all evaluations of a run: higher means it got "
-            "good sooner and stayed there. The dev half is small (CB 28, COPA 50 examples).", ""]
+    return ["## Claim 6: convergence (dev every 10 steps, no early stopping in this grid)", "",
+            "Plots: `convergence.png` (dev score), `convergence_loss.png` (training loss).", "", *lines, "",
+            "Dev curve mean: the dev score averaged over all evaluations of a run (the area under the curve "
+            "divided by its length): higher means it got good sooner and stayed there. The dev halves are "
+            "small (CB 28, COPA 50 examples), so the training loss is the steadier signal.", ""]
 
 
 def init_scale(out: Path, seeds: list[int]) -> list[str]:
@@ -335,7 +364,7 @@ def write_claims(results: Path = RESULTS) -> Path:
             "Embedded all-MiniLM-L6-v2 (frozen), official SuperGLUE files; dev = first half of the validation "
             "set shuffled with seed 42 (early stopping only), test = second half (reported). "
             "Test-half scores in percent, mean ± sample std over seeds. Paired differences pair runs of one seed.", "",
-            *methods_and_length(out, runs["methods"]), *learning_rate(out, runs["lr"]),
+            *methods_and_length(out, runs["methods"]), *learning_rate(out, runs["lr"]), *initialisation(out, runs["init"]),
             *design(out, runs["design"], init_scale(out, seeds)), *few_shot(out, runs["fewshot"]),
             *convergence(out, runs["methods"])]
     env = {

@@ -73,7 +73,7 @@ def test_grid_runs_resumes_and_feeds_the_claims_report(tmp_path, tiny_bert_dir, 
     mean, std = claims.mean_std([a - b for a, b in zip(rpt, pt)])
     assert f"- rpt − pt at n=2: {claims.show(mean, std, signed=True)} points (2 paired seeds)" in text
     assert "| CB | 2 | rpt |" in text and "| CB | — | head |" in text
-    for name in ("prompt_length.png", "convergence.png", "methods_length.csv", "convergence.csv"):
+    for name in ("prompt_length.png", "convergence.png", "convergence_loss.png", "methods_length.csv", "convergence.csv"):
         assert (tmp_path / name).stat().st_size > 0
 
     # A run that diverged is a result: counted next to the scores, never averaged in.
