@@ -163,10 +163,11 @@ def line_plot(path: Path, title: str, xlabel: str, xs: list, series: dict[str, l
     plt.close(fig)
 
 
-def section(out: Path, name: str, title: str, runs: list[dict], rows: list[tuple[str, str, str]], notes: list[str]) -> list[str]:
-    """Write one claim's CSV and return its Markdown: the table, the majority row, then notes."""
+def section(out: Path, name: str, title: str, runs: list[dict], rows: list[tuple[str, str, str]], notes: list[str],
+            majority: bool = True) -> list[str]:
+    """Write one claim's CSV and return its Markdown: the table, the majority row (if asked), then notes."""
     tasks = tasks_of(runs)
-    table = score_rows(runs, rows, tasks) + [majority_row(runs, tasks)]
+    table = score_rows(runs, rows, tasks) + ([majority_row(runs, tasks)] if majority else [])
     write_csv(out / f"{name}.csv", table, tasks)
     return [f"## {title}", "", *markdown(table, tasks), "", *notes, ""]
 
@@ -263,7 +264,9 @@ def few_shot(out: Path, runs: list[dict]) -> list[str]:
     series = {m: [mean_std(list(per_seed_average(select(runs, m, v), tasks).values())) for v in ks] for m in ("rpt", "pt", "head")}
     line_plot(out / "few_shot.png", "Few-shot (claim 5)", "training examples per class", [int(v[1:]) for v in ks], series, None)
     return section(out, "few_shot", "Claim 5: few-shot, k ∈ {5, 20, 100} examples per class", runs, rows,
-                   ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
+                   ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks), "",
+                    "No majority-class row: every class has k training examples, so the majority is a tie. "
+                    "Both tasks are binary (chance 50)."], majority=False)
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
