@@ -33,6 +33,7 @@ import torch
 import transformers
 
 from continual_rpt import __version__
+from grid import machine_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
@@ -373,7 +374,7 @@ def write_claims(results: Path = RESULTS) -> Path:
     env = {
         "commands": [f"python experiments/grid.py experiments/claims/{g}.yaml" for g in GRIDS] + ["python experiments/claims.py"],
         "runs": {g: len(rs) for g, rs in runs.items()}, "seeds": seeds, "torch_threads_of_runs": threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+        "machine": machine_description(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": __version__,
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -20,6 +20,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -106,6 +107,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def machine_description() -> str:
+    """Architecture, CPU model, core count and torch threads of this machine."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    model = models[0] if models else platform.processor() or "unknown CPU"
+    return f"{platform.machine()}, {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
 def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the majority-class row."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
@@ -141,7 +151,7 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
         shown = spec_path
     env = {
         "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/grid.py {shown}",
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine_description(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "continual_rpt": __version__, "seeds": spec["seeds"], "date": time.strftime("%Y-%m-%d"),
     }
