@@ -327,13 +327,13 @@ def convergence(out: Path, runs: list[dict]) -> list[str]:
             "small (CB 28, COPA 50 examples), so the training loss is the steadier signal.", ""]
 
 
-def init_scale(out: Path, seeds: list[int]) -> list[str]:
-    """Starting scale of Φ(P) on the embedded backbone, as published and scale-matched (no training)."""
+def init_scale(out: Path, seeds: list[int], name: str = "embedded") -> list[str]:
+    """Starting scale of Φ(P) on backbone `name`, as published and scale-matched (no training)."""
     from continual_rpt.backbones import load_backbone
     from continual_rpt.learner import build_prompt
     from continual_rpt.prompts import PromptConfig
 
-    backbone = load_backbone("embedded")
+    backbone = load_backbone(name)
     rows = ["| φ's output | word embedding norm | ‖P_i‖ | ‖φ(P_i)‖ | ‖Φ(P_i)‖ | share of P in Φ(P) (‖P‖/‖Φ(P)‖) | mean pairwise cosine of the n Φ(P_i) |",
             "|---|---|---|---|---|---|---|"]
     csv_lines = ["config,seed,embedding_norm,p_norm,phi_norm,prompt_norm,p_share,pairwise_cosine"]
@@ -353,12 +353,12 @@ def init_scale(out: Path, seeds: list[int]) -> list[str]:
         mean = [statistics.mean(s[k] for s in stats) for k in range(5)]
         rows.append(f"| {label} | {backbone.embedding_norm:.2f} | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | {mean[3]:.3f} | {mean[4]:.2f} |")
     (out / "init_scale.csv").write_text("\n".join(csv_lines) + "\n")
-    return ["φ's output scale at initialisation (embedded backbone, n=10, m=400, mean over seeds "
+    return [f"φ's output scale at initialisation (backbone {name}, n=10, m=400, mean over seeds "
             f"{', '.join(map(str, seeds))}; no training):", "", *rows]
 
 
-def write_claims(results: Path = RESULTS) -> Path:
-    """Read the claims grids' runs under `results` and write `results`/claims/."""
+def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
+    """Read the claims grids' runs under `results` and write `results`/claims/; `backbone` is the grids' backbone."""
     out = results / "claims"
     out.mkdir(parents=True, exist_ok=True)
     runs = {grid: load_grid(results, grid) for grid in GRIDS}
@@ -369,7 +369,7 @@ def write_claims(results: Path = RESULTS) -> Path:
             "set shuffled with seed 42 (early stopping only), test = second half (reported). "
             "Test-half scores in percent, mean ± sample std over seeds. Paired differences pair runs of one seed.", "",
             *methods_and_length(out, runs["methods"]), *learning_rate(out, runs["lr"]), *initialisation(out, runs["init"]),
-            *design(out, runs["design"], init_scale(out, seeds)), *few_shot(out, runs["fewshot"]),
+            *design(out, runs["design"], init_scale(out, seeds, backbone)), *few_shot(out, runs["fewshot"]),
             *convergence(out, runs["methods"])]
     env = {
         "commands": [f"python experiments/grid.py experiments/claims/{g}.yaml" for g in GRIDS] + ["python experiments/claims.py"],
@@ -388,7 +388,9 @@ def main() -> None:
     """Parse the results folder and write the claims report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder holding claims_<grid>/ (default: experiments/results)")
-    print(f"wrote {write_claims(parser.parse_args().results)}")
+    parser.add_argument("--backbone", default="embedded", help="the grids' backbone, for the initial-scale measurement")
+    args = parser.parse_args()
+    print(f"wrote {write_claims(args.results, args.backbone)}")
 
 
 if __name__ == "__main__":
