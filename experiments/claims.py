@@ -60,12 +60,17 @@ def tasks_of(runs: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in runs))
 
 
-def per_seed_average(runs: list[dict], tasks: list[str], key: str = "test_score") -> dict[int, float]:
-    """seed -> mean of `key` over `tasks`, for the seeds that have every task."""
+def per_seed_average(runs: list[dict], tasks: list[str]) -> dict[int, float]:
+    """seed -> mean test score over `tasks`, for the seeds that have every task."""
     by_seed: dict[int, dict[str, float]] = {}
     for r in finished(runs):
-        by_seed.setdefault(r["seed"], {})[r["task"]] = r[key]
+        by_seed.setdefault(r["seed"], {})[r["task"]] = r["test_score"]
     return {s: statistics.mean(v[t] for t in tasks) for s, v in sorted(by_seed.items()) if all(t in v for t in tasks)}
+
+
+def average(runs: list[dict], method: str, variant: str, tasks: list[str]) -> tuple[float, float]:
+    """Mean and std over seeds of one method and variant's task-averaged test score."""
+    return mean_std(list(per_seed_average(select(runs, method, variant), tasks).values()))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -92,7 +97,7 @@ def score_rows(runs: list[dict], rows: list[tuple[str, str, str]], tasks: list[s
                "diverged": len(mine) - len(finished(mine))}
         for task in tasks:
             row[task] = mean_std([r["test_score"] for r in finished(mine) if r["task"] == task])
-        row["average"] = mean_std(list(per_seed_average(mine, tasks).values()))
+        row["average"] = average(runs, method, variant, tasks)
         out.append(row)
     return out
 
@@ -184,8 +189,8 @@ def methods_and_length(out: Path, runs: list[dict]) -> list[str]:
     pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100")),
               ("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
               ("pt at n=10 − head-only", ("pt", "n10"), ("head", ""))]
-    series = {m: [mean_std(list(per_seed_average(select(runs, m, v), tasks).values())) for v in lengths] for m in methods}
-    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    series = {m: [average(runs, m, v, tasks) for v in lengths] for m in methods}
+    head = average(runs, "head", "", tasks)
     line_plot(out / "prompt_length.png", "Prompt length (claims 1–2)", "prompt tokens n", [2, 10, 100], series, head)
     return section(out, "methods_length", "Claims 1–2: rpt vs pt vs pt-mlp, prompt length n ∈ {2, 10, 100}",
                    runs, rows, ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
@@ -201,19 +206,20 @@ def learning_rate(out: Path, runs: list[dict]) -> list[str]:
     notes = ["Spread (max − min over learning rates of the seed-mean task average):"]
     series = {}
     for method in ("rpt", "pt"):
-        means = {v: mean_std(list(per_seed_average(select(runs, method, v), tasks).values())) for v in lrs}
+        means = {v: average(runs, method, v, tasks) for v in lrs}
         series[method] = [means[v] for v in lrs]
         paper = [means[v][0] for v in lrs if float(v[2:]) >= 0.01 and means[v][0] == means[v][0]]
         every = [m for m, _ in means.values() if m == m]
-        failed = {v[2:]: len(select(runs, method, v)) - len(finished(select(runs, method, v))) for v in lrs}
-        if any(failed.values()):
-            notes.append(f"- {method} diverged (no finite dev evaluation) at: "
-                         + ", ".join(f"lr {lr} in {k} of {len(select(runs, method, 'lr' + lr))} runs" for lr, k in failed.items() if k))
+        tried = {v: select(runs, method, v) for v in lrs}
+        failed = [f"lr {v[2:]} in {len(mine) - len(finished(mine))} of {len(mine)} runs" for v, mine in tried.items()
+                  if len(finished(mine)) < len(mine)]
+        if failed:
+            notes.append(f"- {method} diverged (no finite dev evaluation) at: " + ", ".join(failed))
         if every:
             notes.append(f"- {method}: {max(paper) - min(paper):.1f} points over lr 0.01–10 (the paper's range for its "
                          f"< 2 points claim), {max(every) - min(every):.1f} over all six; best lr "
                          f"{max(means, key=lambda v: means[v][0])[2:]}")
-    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    head = average(runs, "head", "", tasks)
     line_plot(out / "learning_rate.png", "Learning-rate robustness (claim 3)", "learning rate of P and Φ",
               [float(v[2:]) for v in lrs], series, head, log_x=True)
     return section(out, "learning_rate", "Claim 3: learning-rate robustness, lr ∈ {0.001, 0.01, 0.03, 0.3, 1, 10}",
@@ -245,8 +251,8 @@ def design(out: Path, runs: list[dict], scale_lines: list[str]) -> list[str]:
              ("scale-matched − as published", ("rpt", "scale-matched"), ("rpt", "m400")),
              ("m=1500 − m=10", ("rpt", "m1500"), ("rpt", "m10")),
              ("m=50 − m=10", ("rpt", "m50"), ("rpt", "m10"))]
-    series = {"rpt": [mean_std(list(per_seed_average(select(runs, "rpt", v), tasks).values())) for v in widths]}
-    head = mean_std(list(per_seed_average(select(runs, "head"), tasks).values()))
+    series = {"rpt": [average(runs, "rpt", v, tasks) for v in widths]}
+    head = average(runs, "head", "", tasks)
     line_plot(out / "bottleneck.png", "Bottleneck width (claim 4)", "bottleneck m", [10, 50, 100, 400, 1500], series, head, log_x=True)
     notes = ["Paired differences of the task average (m=400 shared with LayerNorm is the reference):",
              *difference_lines(runs, pairs, tasks), "", *scale_lines]
@@ -262,7 +268,7 @@ def few_shot(out: Path, runs: list[dict]) -> list[str]:
     rows = [(f"{m}, k={v[1:]}", m, v) for v in ks for m in ("head", "rpt", "pt")]
     pairs = [(f"rpt − pt at k={v[1:]}", ("rpt", v), ("pt", v)) for v in ks]
     pairs += [(f"rpt − head-only at k={v[1:]}", ("rpt", v), ("head", v)) for v in ks]
-    series = {m: [mean_std(list(per_seed_average(select(runs, m, v), tasks).values())) for v in ks] for m in ("rpt", "pt", "head")}
+    series = {m: [average(runs, m, v, tasks) for v in ks] for m in ("rpt", "pt", "head")}
     line_plot(out / "few_shot.png", "Few-shot (claim 5)", "training examples per class", [int(v[1:]) for v in ks], series, None)
     return section(out, "few_shot", "Claim 5: few-shot, k ∈ {5, 20, 100} examples per class", runs, rows,
                    ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks), "",
