@@ -42,7 +42,13 @@ METHOD_COLORS = {"rpt": "tab:blue", "pt": "tab:orange", "pt-mlp": "tab:green", "
 
 def load_grid(results: Path, grid: str) -> list[dict]:
     """Every run record of one claims grid (an empty list if the grid has not run)."""
-    return [json.loads(p.read_text()) for p in sorted((results / f"claims_{grid}" / "runs").glob("*.json"))]
+    records = []
+    for path in sorted((results / f"claims_{grid}" / "runs").glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"{path}: not a run record ({err}); delete it and re-run the grid to redo that run") from err
+    return records
 
 
 def select(runs: list[dict], method: str, variant: str = "") -> list[dict]:

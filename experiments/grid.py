@@ -63,6 +63,13 @@ def run_name(task: str, variant: str, method: str, seed: int) -> str:
     return "-".join(str(part) for part in (task, variant, method, seed) if part != "")
 
 
+def write_record(path: Path, record: dict) -> None:
+    """Write a run record atomically: a grid killed mid-write leaves no half file that a resume would skip."""
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
 def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
     """Train every run of `spec` that has no result in `results`/<name> yet, then write the summary."""
     out = results / spec["name"]
@@ -89,11 +96,11 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         except TrainingDiverged as err:  # a result of the grid (e.g. a learning rate too high), not a crash
             record = {**common, "task": task, "method": method, "diverged": str(err), "dev_score": None,
                       "test_score": None, "history": []}
-            path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            write_record(path, record)
             print(f"{run_name(task, variant, method, seed):28s} diverged: {err}", flush=True)
             continue
         record = {**result.metrics, **common, "history": result.history}
-        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_record(path, record)
         print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
               f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
     write_summary(out, spec, spec_path)

@@ -85,3 +85,11 @@ def test_grid_runs_resumes_and_feeds_the_claims_report(tmp_path, tiny_bert_dir, 
     text = "\n".join(claims.methods_and_length(tmp_path, claims.load_grid(tmp_path, "methods")))
     assert "| 2 (1 diverged) |" in text
     assert f"- rpt − pt at n=2: {claims.show(mean, std, signed=True)} points (2 paired seeds)" in text
+
+
+def test_a_broken_run_record_is_named(tmp_path):
+    folder = tmp_path / "claims_lr" / "runs"
+    folder.mkdir(parents=True)
+    (folder / "CB-lr10-rpt-0.json").write_text('{"task": "CB", ')  # a writer killed mid-file
+    with pytest.raises(SystemExit, match=r"CB-lr10-rpt-0\.json: not a run record"):
+        claims.load_grid(tmp_path, "lr")
