@@ -85,15 +85,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
     from continual_rpt import distributed
     from continual_rpt.backbones import BackboneConfig
-    from continual_rpt.bank import save_entry
     from continual_rpt.learner import TrainConfig, train_task
     from continual_rpt.prompts import PromptConfig
-    from continual_rpt.run import entry_for
+    from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
+    from continual_rpt.strategies.base import entry_for
     from continual_rpt.streams import DataConfig, TaskSpec, load_data
     from continual_rpt.tasks import get_task
 
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
+    if args.method in METHODS and args.method not in SINGLE_TASK_METHODS:  # one vocabulary with crpt run, one task here
+        raise ValueError(f"--method {args.method!r} learns a stream of tasks: use crpt run STREAM --method {args.method}; "
+                         f"crpt train takes {', '.join(SINGLE_TASK_METHODS)}")
     task = get_task(args.task).name
     spec = TaskSpec(task, task, None, dataclass_from_args(DataConfig, args), dataclass_from_args(PromptConfig, args),
                     dataclass_from_args(TrainConfig, args))
@@ -104,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
     if rank != 0:  # under `accelerate launch` every process holds the same result; one writes it
         return 0
-    save_entry(args.out, entry_for(spec, data, backbone, backbone_cfg, trained))
+    entry_for(spec, data, backbone, backbone_cfg, trained).save_pretrained(args.out)
     m = trained.metrics
     test = ", ".join(f"{k} {v:.1f}" for k, v in m["test"].items())
     print(f"{m['task']} ({m['method']}): dev {m['dev_score']:.1f}  test {test}")
@@ -165,13 +168,14 @@ def cmd_bank(args: argparse.Namespace) -> int:
 def predict_file(bank, args: argparse.Namespace) -> int:
     """Predict every example of --input with a stored prompt and write one JSON line each."""
     from continual_rpt.backbones import load_backbone
-    from continual_rpt.bank import read_examples, task_from_meta
+    from continual_rpt.evaluation import predict_from_bank
+    from continual_rpt.tasks import read_examples, task_from_meta
 
     entry = bank.get(args.task)
     task = task_from_meta(entry.meta, args.bank / args.task)
     examples = read_examples(entry.meta, args.input)
     backbone = load_backbone(args.backbone or entry.meta["backbone"]["name"], entry.config.get("backbone", {}).get("pooling", "cls"), args.device)
-    predictions = bank.predict(args.task, examples, backbone)
+    predictions = predict_from_bank(bank, args.task, examples, backbone)
     out = open(args.output, "w") if args.output else sys.stdout
     try:
         for example, index in zip(examples, predictions):

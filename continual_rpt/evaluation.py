@@ -1,12 +1,15 @@
-"""Prediction with a collapsed prompt, and the continual-learning metrics of an accuracy matrix."""
+"""Prediction with a collapsed prompt (given, or stored in a bank), and the continual-learning metrics of an accuracy matrix."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.tasks import Example
+from continual_rpt.bank import HEAD_FILE, META_FILE, BankError, Entry, PromptBank
+from continual_rpt.tasks import DataError, Example, Task, task_from_meta
 
 
 class NonFiniteScores(ValueError):
@@ -72,6 +75,56 @@ def predict(
     return predict_features(backbone, prompt, head, features, batch_size, bf16)
 
 
+class Answerer(NamedTuple):
+    """What answers one task from a bank: the task, the prompt as the backbone receives it, the head, the entry."""
+
+    task: Task
+    prompt: Tensor | None
+    head: nn.Module | None
+    entry: Entry
+
+
+def stacked_prompts(bank: PromptBank, names: list[str]) -> Tensor | None:
+    """The stored prompts of `names`, in order, as one [Σn, d] tensor (None for no names).
+
+    Progressive Prompts' context: task i trains, and is answered, with [P′_i; P′_{i-1}; …; P′_1].
+    """
+    return torch.cat([bank.get(name).prompt for name in names]) if names else None
+
+
+def load_answerer(bank: PromptBank, name: str, backbone: Backbone) -> Answerer:
+    """Task, prompt (its Progressive context appended) and head of entry `name`, checked to fit `backbone`."""
+    entry = bank.get(name)
+    where = bank.path / name / META_FILE
+    entry.check_backbone(backbone, where)
+    try:
+        task = task_from_meta(entry.meta, where)
+    except DataError as err:
+        raise BankError(str(err)) from None
+    context = entry.meta.get("context") or []
+    if not isinstance(context, list) or name in context or not all(c in bank.tasks() for c in context):
+        raise BankError(f"{where}: field 'context' must list other entries of this bank, got {context!r}")
+    prompt = entry.prompt
+    if context:
+        prompt = torch.cat([prompt, stacked_prompts(bank, context)])
+    prompt = prompt.to(backbone.device) if prompt is not None else None
+    head = None
+    if entry.head is not None:
+        head = backbone.new_head(task)
+        try:
+            head.load_state_dict(entry.head)
+        except RuntimeError as err:
+            raise BankError(f"{bank.path / name / HEAD_FILE}: does not fit this backbone's head ({err})") from err
+    return Answerer(task, prompt, head, entry)
+
+
+def predict_from_bank(bank: PromptBank, name: str, examples: list[Example], backbone: Backbone) -> list[int]:
+    """Predicted label or choice index of every example with task `name`'s stored prompt and head."""
+    task, prompt, head, entry = load_answerer(bank, name, backbone)
+    train = entry.config.get("train", {})  # predict as the entry was evaluated when it was trained
+    return predict(backbone, prompt, head, examples, max_length=train.get("max_length", 256), bf16=train.get("bf16", True))
+
+
 # --- continual-learning metrics: pure functions of the accuracy matrix -----------------------
 # R[i][j] is the score on task j after learning task i; None where it was not measured (j > i
 # for a prompt bank, which has nothing to answer task j with before learning it).
@@ -97,11 +150,3 @@ def backward_transfer(R: list[list[float | None]]) -> float | None:
     if T < 2 or any(R[j][j] is None for j in range(T)):
         return None
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
-
-
-def forward_transfer(R: list[list[float | None]], reference: list[float]) -> float | None:
-    """Mean over j ≥ 1 of R[j-1][j] − b_j (b_j: `reference` score of task j); None where R[j-1][j] was not measured."""
-    T = len(R)
-    if T < 2 or any(R[j - 1][j] is None for j in range(1, T)):
-        return None
-    return sum(R[j - 1][j] - reference[j] for j in range(1, T)) / (T - 1)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from continual_rpt import distributed
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches, predict_features
+from continual_rpt.faults import kill_point
 from continual_rpt.prompts import PromptConfig, ResidualPrompt, initial_prompt
 from continual_rpt.tasks import TaskData
 
@@ -107,6 +108,115 @@ def train_joint(
     return prompt, _fit(backbone, datas, prompt_cfg, cfg, progress, prompt, None)
 
 
+def make_optimizer(prompt: ResidualPrompt | None, heads: list[nn.Module | None], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over P and Φ (lr, weight decay) and the heads (head_lr, no weight decay); the backbone is never in it."""
+    groups = []
+    if prompt is not None:
+        groups.append({"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    head_params = [p for h in heads if h is not None for p in h.parameters()]
+    if head_params:
+        groups.append({"params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, eps=1e-8)
+
+
+def with_context(prompt: Tensor | None, context: Tensor | None) -> Tensor | None:
+    """The prompt the backbone receives: the task's own, then the frozen context prompts (Progressive Prompts)."""
+    return prompt if context is None or prompt is None else torch.cat([prompt, context.to(prompt.device)])
+
+
+def train_step(
+    backbone: Backbone,
+    prompt: ResidualPrompt | None,
+    head: nn.Module | None,
+    batch: list[Features],
+    optimizer: torch.optim.Optimizer,
+    bf16: bool,
+    context: Tensor | None = None,
+    n_batch: int | None = None,
+) -> tuple[bool, float | None]:
+    """One optimizer step on `batch`; returns (applied, loss). A non-finite loss drops the step.
+
+    Under data parallelism `batch` is this process's share of a batch of `n_batch` examples (it may
+    be empty); the gradients are combined so that every process applies the full-batch step.
+    """
+    trainable = [m for m in (prompt, head) if m is not None]
+    for module in trainable:
+        module.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = None
+    if batch:
+        collated = backbone.collate(batch)
+        # Φ runs outside autocast: fp32 in training exactly as in collapse(), so P′ is what trained.
+        prompt_in = with_context(prompt(), context) if prompt is not None else None
+        with autocast(backbone, bf16):
+            loss = backbone.loss(prompt_in, head, collated)
+    if not distributed.all_true(loss is None or bool(torch.isfinite(loss))):
+        return False, None  # a diverging step is dropped, never applied
+    if loss is not None:
+        loss.backward()
+    distributed.reduce_gradients(trainable, len(batch), n_batch or len(batch))
+    optimizer.step()
+    kill_point("train.step")
+    return True, None if loss is None else loss.item()
+
+
+def predict_shared(backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features], cfg: TrainConfig) -> list[int]:
+    """Predictions of every example, each process predicting its share under data parallelism."""
+    rank, world = distributed.setup()
+    mine = distributed.share(list(range(len(features))), rank, world)
+    preds = predict_features(backbone, prompt, head, [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
+    merged = distributed.gather(dict(zip(mine, preds)))
+    return [merged[i] for i in range(len(features))]
+
+
+def dev_scores(
+    backbone: Backbone, datas: list[TaskData], heads: list[nn.Module | None], prompt: Tensor | None,
+    dev: list[list[Features]], cfg: TrainConfig,
+) -> list[float]:
+    """Each task's dev score with the collapsed `prompt` (context included); -inf for all if the scores overflow."""
+    try:
+        return [d.task.score(d.dev, predict_shared(backbone, prompt, heads[t], dev[t], cfg))["score"] for t, d in enumerate(datas)]
+    except NonFiniteScores:  # finite but huge values can still overflow inside the backbone
+        return [-math.inf] * len(datas)
+
+
+def _snapshot(module: nn.Module | None) -> dict[str, Tensor] | None:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else None
+
+
+class BestState:
+    """The best dev evaluation so far (finite scores and prompt only), and when to stop for lack of improvement."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.stale = patience, 0
+        self.score, self.scores, self.step = -math.inf, [], 0
+        self.collapsed: Tensor | None = None
+        self.prompt: dict[str, Tensor] | None = None
+        self.heads: list[dict[str, Tensor] | None] = []
+
+    def offer(self, scores: list[float], step: int, collapsed: Tensor | None, prompt: nn.Module | None, heads: list) -> float:
+        """Keep this evaluation if its mean score beats the best; returns the mean score."""
+        score = sum(scores) / len(scores)
+        if score > self.score and math.isfinite(score) and (collapsed is None or torch.isfinite(collapsed).all()):
+            self.score, self.scores, self.step, self.collapsed = score, scores, step, collapsed
+            self.prompt, self.heads = _snapshot(prompt), [_snapshot(h) for h in heads]
+            self.stale = 0
+        else:
+            self.stale += 1
+        return score
+
+    @property
+    def stop(self) -> bool:
+        """Whether `patience` evaluations in a row brought no improvement."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def restore(self, prompt: nn.Module | None, heads: list[nn.Module | None]) -> None:
+        """Put the prompt and heads back into their best state."""
+        for module, state in ((prompt, self.prompt), *zip(heads, self.heads)):
+            if module is not None:
+                module.load_state_dict(state)
+
+
 def _fit(
     backbone: Backbone,
     datas: list[TaskData],
@@ -132,18 +242,7 @@ def _fit(
         raise ValueError(f"max_length: {cfg.max_length} exceeds the backbone's {backbone.max_positions} positions")
     if cfg.max_length - in_context < 8:
         raise ValueError(f"max_length: {cfg.max_length} leaves no room for the input after {in_context} prompt tokens")
-
-    def full(own: Tensor | None) -> Tensor | None:
-        return own if context is None else torch.cat([own, context.to(own.device)])
-
-    trainable = [m for m in (prompt, *heads) if m is not None]
-    groups = []
-    if prompt is not None:
-        groups.append({"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    head_params = [p for h in heads if h is not None for p in h.parameters()]
-    if head_params:
-        groups.append({"params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, eps=1e-8)
+    optimizer = make_optimizer(prompt, heads, cfg)
 
     max_tokens = cfg.max_length - in_context
     train = [backbone.featurize(data.train, max_tokens) for data in datas]
@@ -154,98 +253,63 @@ def _fit(
     eval_every = cfg.eval_every or steps_per_epoch
     rank, world = distributed.setup()
 
-    def predict_all(t: int, collapsed: Tensor | None, features: list[Features]) -> list[int]:
-        mine = distributed.share(list(range(len(features))), rank, world)
-        preds = predict_features(backbone, full(collapsed), heads[t], [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
-        merged = distributed.gather(dict(zip(mine, preds)))
-        return [merged[i] for i in range(len(features))]
-
-    def snapshot(module: nn.Module | None) -> dict[str, Tensor] | None:
-        return {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else None
-
     def epoch_batches() -> list[tuple[int, list[int]]]:
         batches = [(t, ids) for t, feats in enumerate(train) for ids in length_batches(feats, cfg.batch_size, generator)]
         return batches if len(datas) == 1 else [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     names = "+".join(d.task.name for d in datas)
-    best: dict = {"score": -math.inf, "step": 0}
+    best = BestState(cfg.patience)
     history: list[dict] = []
-    step, seen, train_seconds, stale, skipped = 0, 0, 0.0, 0, 0
+    step, seen, train_seconds, skipped = 0, 0, 0.0, 0
     running: list[float] = []
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"{names} ({prompt_cfg.method})", disable=not progress, leave=False)
-    stop = False
     for epoch in range(cfg.epochs):
         for t, batch_ids in epoch_batches():
             tick = time.perf_counter()
-            for module in trainable:
-                module.train()
             local = distributed.share(batch_ids, rank, world)  # all of it when run alone
-            optimizer.zero_grad(set_to_none=True)
-            loss = None
-            if local:
-                batch = backbone.collate([train[t][i] for i in local])
-                # Φ runs outside autocast: fp32 in training exactly as in collapse(), so P′ is what trained.
-                prompt_in = full(prompt()) if prompt is not None else None
-                with autocast(backbone, cfg.bf16):
-                    loss = backbone.loss(prompt_in, heads[t], batch)
-            if distributed.all_true(loss is None or bool(torch.isfinite(loss))):
-                if loss is not None:
-                    loss.backward()
-                    running.append(loss.item())
-                distributed.reduce_gradients(trainable, len(local), len(batch_ids))
-                optimizer.step()
-            else:  # a diverging step is dropped, never applied
-                skipped += 1
+            applied, loss = train_step(backbone, prompt, heads[t], [train[t][i] for i in local], optimizer, cfg.bf16,
+                                       context, len(batch_ids))
+            skipped += not applied
+            running += [] if loss is None else [loss]
             step += 1
             seen += len(batch_ids)
             train_seconds += time.perf_counter() - tick
             bar.update(1)
             if step % eval_every == 0 or step == total_steps:
                 collapsed = prompt.collapse() if prompt is not None else None
-                try:
-                    scores = [d.task.score(d.dev, predict_all(t, collapsed, dev[t]))["score"] for t, d in enumerate(datas)]
-                except NonFiniteScores:  # finite but huge values can still overflow inside the backbone
-                    scores = [-math.inf] * len(datas)
-                score = sum(scores) / len(scores)
+                score = best.offer(dev_scores(backbone, datas, heads, with_context(collapsed, context), dev, cfg),
+                                   step, collapsed, prompt, heads)
                 loss_mean = sum(running) / len(running) if running else math.nan
                 history.append({"step": step, "epoch": epoch + 1, "train_loss": loss_mean,
                                 "dev_score": score if math.isfinite(score) else None})
                 running = []
                 bar.set_postfix(loss=f"{loss_mean:.3f}", dev=f"{score:.1f}")
-                if score > best["score"] and math.isfinite(score) and (collapsed is None or torch.isfinite(collapsed).all()):
-                    best = {"score": score, "scores": scores, "step": step, "collapsed": collapsed,
-                            "prompt": snapshot(prompt), "heads": [snapshot(h) for h in heads]}
-                    stale = 0
-                else:
-                    stale += 1
-                    stop = cfg.patience > 0 and stale >= cfg.patience
-            if stop:
+            if best.stop:
                 break
-        if stop:
+        if best.stop:
             break
     bar.close()
     wall = time.perf_counter() - start
-    if best["step"] == 0:
+    if best.step == 0:
         raise TrainingDiverged(f"{names}: no dev evaluation produced a finite prompt; training diverged "
                                f"({skipped} non-finite steps dropped); lower --lr")
 
-    for module, state in ((prompt, best["prompt"]), *zip(heads, best["heads"])):
-        if module is not None:
-            module.load_state_dict(state)
+    best.restore(prompt, heads)
     results = []
     for t, data in enumerate(datas):
         test = {}
         if data.test:
-            test = data.task.score(data.test, predict_all(t, best["collapsed"], backbone.featurize(data.test, max_tokens)))
+            features = backbone.featurize(data.test, max_tokens)
+            test = data.task.score(data.test, predict_shared(backbone, with_context(best.collapsed, context), heads[t], features, cfg))
         n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0
         metrics = {
             "task": data.task.name,
             "method": prompt_cfg.method,
-            "dev_score": best["scores"][t],
+            "dev_score": best.scores[t],
             "test": test,
             "test_score": test.get("score", math.nan),
-            "best_step": best["step"],
+            "best_step": best.step,
             "steps": step,
             "skipped_nonfinite_steps": skipped,
             "prompt_tokens": n_tokens,
@@ -256,5 +320,5 @@ def _fit(
             "wall_seconds": wall,
             "train_examples_per_second": seen / train_seconds if train_seconds else math.nan,
         }
-        results.append(TrainedTask(prompt=best["collapsed"], head=best["heads"][t], metrics=metrics, history=history))
+        results.append(TrainedTask(prompt=best.collapsed, head=best.heads[t], metrics=metrics, history=history))
     return results

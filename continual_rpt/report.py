@@ -26,15 +26,14 @@ import pandas as pd
 from matplotlib.colors import Normalize
 
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",
-            "forward_transfer", "final_scores", "per_task", "wall_seconds")
-SCORES = {"average_score": "average score", "forgetting": "forgetting",
-          "backward_transfer": "backward transfer", "forward_transfer": "forward transfer"}
+            "final_scores", "per_task", "wall_seconds")
+SCORES = {"average_score": "average score", "forgetting": "forgetting", "backward_transfer": "backward transfer"}
 COSTS = {"prompt_tokens_in_context": "prompt tokens in context", "trainable_parameters": "trainable parameters",
          "stored_parameters": "stored parameters", "wall_seconds": "wall time (s)"}
 NOTES = [
     "Mean ± sample standard deviation over seeds (a single seed shows the mean only); — : undefined "
-    "(forgetting and backward transfer need two tasks; forward transfer is undefined for a prompt bank, "
-    "which has no prompt for a task before learning it).",
+    "(forgetting and backward transfer need two tasks). Forward transfer is not reported: no strategy here "
+    "answers a task before learning it, so R[j-1][j] is never measured.",
     "Scores in percent. Prompt tokens in context: the most any task puts in front of the backbone's input "
     "(a bank puts one task's n tokens, the same for every task; progressive prompts grow along the stream). "
     "Trainable and stored parameters: sums over the tasks.",

@@ -5,7 +5,7 @@ A run folder holds:
     bank/                 the prompt bank, one collapsed entry per finished task
     state.json            the accuracy-matrix rows finished so far (what --resume continues from)
     accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
-    metrics.json          average score, forgetting, backward/forward transfer, per-task details
+    metrics.json          average score, forgetting, backward transfer, per-task details
     log.txt               what happened, with times
 
 Each step is written atomically, so an interrupted run (Ctrl-C, kill) resumes with the first
@@ -23,13 +23,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from continual_rpt import __version__
-from continual_rpt.backbones import Backbone, BackboneConfig
-from continual_rpt.bank import Entry, PromptBank, replace_json
-from continual_rpt.evaluation import average_score, backward_transfer, forgetting, forward_transfer
-from continual_rpt.learner import TrainedTask
+from continual_rpt.atomic import replace_json
+from continual_rpt.bank import PromptBank
+from continual_rpt.evaluation import average_score, backward_transfer, forgetting
+from continual_rpt.faults import kill_point
 from continual_rpt.strategies import make_strategy, method_label
-from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data
+from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
 
 STREAM_FILE, STATE_FILE, BANK_DIR = "stream.json", "state.json", "bank"
@@ -37,26 +36,6 @@ STREAM_FILE, STATE_FILE, BANK_DIR = "stream.json", "state.json", "bank"
 
 class RunError(ValueError):
     """A run folder that cannot be started or resumed as asked."""
-
-
-def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: BackboneConfig, trained: TrainedTask) -> Entry:
-    """The bank entry of a trained task: P′ and head, plus everything needed to trust and reuse them."""
-    meta = {
-        "library_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "name": spec.name,
-        "task": data.task.name,
-        "custom": dataclasses.asdict(spec.custom) if spec.custom else None,
-        "kind": data.task.kind,
-        "label_names": list(data.task.label_names),
-        "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint},
-        "method": spec.prompt.method,
-        "prompt_tokens": trained.metrics["prompt_tokens"],
-        "dtype": "float32",
-        "data_files": data.files,
-    }
-    config = {"backbone": dataclasses.asdict(backbone_cfg), **{s: dataclasses.asdict(getattr(spec, s)) for s in SECTIONS}}
-    return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history})
 
 
 def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
@@ -67,6 +46,7 @@ def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
         if not resume:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         stored = json.loads(stored_path.read_text())
+        stored.setdefault("baseline", dataclasses.asdict(BaselineConfig()))  # runs made before the key existed used these
         config = json.loads(json.dumps(config))  # as stored: tuples become lists
         if stored != config:
             differing = [k for k in config if stored.get(k) != config[k]]
@@ -121,6 +101,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         state["rows"].append(row)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
         replace_json(out / STATE_FILE, state)
+        kill_point("run.task-done")
         log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated")
     bar.close()
     strategy.finish(data)
@@ -151,7 +132,6 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "train_examples_per_second": m["train_examples_per_second"],
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
-    fwt = forward_transfer(R, [0.0] * len(names))
     return {
         "stream": stream.name,
         "method": method_label(stream),
@@ -163,8 +143,6 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
         "average_score": average_score(R),
         "forgetting": forgetting(R),
         "backward_transfer": backward_transfer(R),
-        "forward_transfer": fwt,
-        "forward_transfer_note": "undefined: task j is not evaluated before it is learned" if fwt is None else "reference b_j = 0",
         "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
         "per_task": per_task,
         "wall_seconds": sum(state["seconds"].values()),

@@ -4,6 +4,7 @@
     description: ...
     backbone: {backbone: embedded, pooling: cls}
     strategy: bank                      # or progressive, shared, multitask, naive, ewc, lwf, replay, agem
+    baseline: {ewc_lambda: 1000}        # BaselineConfig: settings of the Avalanche baselines
     data: {k_per_class: 32}            # DataConfig defaults for every task
     prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
     train: {epochs: 10}                 # TrainConfig defaults
@@ -22,6 +23,7 @@ and the key's path (e.g. `tasks[2].train.epochs`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from continual_rpt.backbones import BackboneConfig
 from continual_rpt.bank import check_name
 from continual_rpt.learner import TrainConfig
 from continual_rpt.prompts import PromptConfig
+from continual_rpt.strategies import STRATEGIES
 from continual_rpt.tasks import (
     CustomTaskConfig,
     Example,
@@ -45,8 +48,6 @@ from continual_rpt.tasks import (
 from continual_rpt.tasks.catalog import HUB_TASKS
 
 SECTIONS = ("data", "prompt", "train")
-# How tasks share what they learn (continual_rpt/strategies.py); `bank` shares nothing.
-STRATEGIES = ("bank", "progressive", "shared", "multitask", "naive", "ewc", "lwf", "replay", "agem")
 
 
 @dataclass
@@ -66,6 +67,29 @@ class DataConfig:
         for name in ("k_per_class", "max_train", "max_eval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 (all) or more, got {getattr(self, name)}")
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the Avalanche baselines on the shared prompt (each one reads its own)."""
+
+    # Untuned. EWC's importances are squared gradients, and the prompt's are tiny: on the embedded MiniLM
+    # (CB then RTE, 16 examples per class, 3 epochs) Σ F·Δθ² came to 1.2e-4 against a cross-entropy of 0.66,
+    # so λ = 1000 makes the penalty about a fifth of the loss there, more as the prompt drifts further.
+    ewc_lambda: float = field(default=1000.0, metadata={"help": "EWC: weight λ of the importance-weighted penalty"})
+    lwf_alpha: float = field(default=1.0, metadata={"help": "LwF: weight of the distillation loss (the LwF paper's and Avalanche's default)"})
+    lwf_temperature: float = field(default=2.0, metadata={"help": "LwF: softmax temperature of the distillation"})
+    replay_mem_size: int = field(default=200, metadata={"help": "replay: examples kept, balanced over the tasks seen (Avalanche's default)"})
+    agem_patterns_per_exp: int = field(default=100, metadata={"help": "A-GEM: examples kept per task"})
+    agem_sample_size: int = field(default=64, metadata={"help": "A-GEM: memory examples per reference gradient (Avalanche's default)"})
+
+    def __post_init__(self) -> None:
+        for name in ("ewc_lambda", "lwf_alpha", "lwf_temperature"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name}: must be a finite number ≥ 0, got {getattr(self, name)}")
+        for name in ("replay_mem_size", "agem_patterns_per_exp", "agem_sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -90,6 +114,7 @@ class Stream:
     tasks: list[TaskSpec]
     base_dir: Path  # the stream file's folder: relative custom-data paths resolve against it
     strategy: str = "bank"
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def resolved(self) -> dict:
         """The whole configuration with every default filled in (saved next to a run)."""
@@ -98,6 +123,7 @@ class Stream:
             "description": self.description,
             "backbone": dataclasses.asdict(self.backbone),
             "strategy": self.strategy,
+            "baseline": dataclasses.asdict(self.baseline),
             "tasks": [
                 {"name": t.name, "task": t.task, "custom": dataclasses.asdict(t.custom) if t.custom else None,
                  **{s: dataclasses.asdict(getattr(t, s)) for s in SECTIONS}}
@@ -149,7 +175,7 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
     """A Stream from an already-loaded YAML document; `where` prefixes every error."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: a stream file must be a mapping with 'name' and 'tasks'")
-    known = {"name", "description", "backbone", "strategy", *SECTIONS, "tasks"}
+    known = {"name", "description", "backbone", "strategy", "baseline", *SECTIONS, "tasks"}
     for key in doc:
         if key not in known:
             raise ValueError(f"{where}: {key}: unknown key; known keys are {', '.join(sorted(known))}")
@@ -163,6 +189,7 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
         raise ValueError(f"{where}: strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     defaults = {s: build(cls, doc.get(s), f"{where}: {s}") for s, cls in zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig))}
     backbone = build(BackboneConfig, doc.get("backbone"), f"{where}: backbone")
+    baseline = build(BaselineConfig, doc.get("baseline"), f"{where}: baseline")
     items = doc.get("tasks")
     if not isinstance(items, list) or not items:
         raise ValueError(f"{where}: tasks: expected a non-empty list")
@@ -172,7 +199,7 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
         if spec.name in seen:
             raise ValueError(f"{where}: tasks[{i}]: task name {spec.name!r} appears twice; give one a 'name'")
         seen.add(spec.name)
-    return Stream(name, description, backbone, tasks, base_dir, strategy)
+    return Stream(name, description, backbone, tasks, base_dir, strategy, baseline)
 
 
 def _task_spec(item: object, where: str, defaults: dict) -> TaskSpec:

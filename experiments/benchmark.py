@@ -40,10 +40,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from continual_rpt.backbones import BackboneConfig, load_backbone, resolve_backbone
 from continual_rpt.bank import PromptBank
-from continual_rpt.evaluation import autocast, length_batches, predict_features
-from continual_rpt.learner import TrainConfig, TrainedTask, build_prompt
+from continual_rpt.evaluation import length_batches, predict_features, predict_from_bank
+from continual_rpt.learner import TrainConfig, TrainedTask, build_prompt, make_optimizer
+from continual_rpt.learner import train_step as learner_step
 from continual_rpt.prompts import PromptConfig
-from continual_rpt.run import entry_for
+from continual_rpt.strategies.base import entry_for
 from continual_rpt.streams import DataConfig, TaskSpec
 from continual_rpt.tasks import get_task, load_task_data, read_jsonl
 
@@ -172,32 +173,14 @@ def make_learner(backbone, task, method: str = "rpt", n_tokens: int = N_TOKENS):
     prompt = build_prompt(backbone, PromptConfig(method=method, n_tokens=n_tokens), cfg.seed)
     torch.manual_seed(cfg.seed)
     head = backbone.new_head(task)
-    groups = [{"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if head is not None:
-        groups.append({"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": 0.0})
-    return prompt, head, torch.optim.AdamW(groups, eps=1e-8)
+    return prompt, head, make_optimizer(prompt, [head], cfg)
 
 
 def train_step(backbone, learner, batch_features: list, bf16: bool) -> bool:
-    """collate → loss(Φ(P), head) → backward → AdamW step; False if the loss was not finite.
-
-    The single-process path of `train_task`'s loop (its `distributed` calls are no-ops alone).
-    """
+    """The learner's own step (collate → loss(Φ(P), head) → backward → AdamW); False if it was dropped as non-finite."""
     prompt, head, optimizer = learner
-    for module in (prompt, head):
-        if module is not None:
-            module.train()
-    optimizer.zero_grad(set_to_none=True)
-    batch = backbone.collate(batch_features)
-    prompt_in = prompt()  # Φ in fp32, outside autocast, as train_task does
-    with autocast(backbone, bf16):
-        loss = backbone.loss(prompt_in, head, batch)
-    if not torch.isfinite(loss):  # train_task drops such a step
-        return False
-    loss.backward()
-    loss.item()  # train_task logs the loss: on a GPU this is a sync point it pays too
-    optimizer.step()
-    return True
+    applied, _ = learner_step(backbone, prompt, head, batch_features, optimizer, bf16)
+    return applied
 
 
 def our_side(backbone, learner, features: list, batches: list[list[int]], bf16: bool):
@@ -658,7 +641,7 @@ def inference_and_length(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
 
 
 def make_bank(backbone, folder: Path) -> None:
-    """A bank with one RTE entry (random P′ and head), its metadata built by `run.entry_for`."""
+    """A bank with one RTE entry (random P′ and head), its metadata built by `strategies.base.entry_for`."""
     task = get_task("RTE")
     torch.manual_seed(SEED)
     head = backbone.new_head(task)
@@ -688,8 +671,8 @@ def bank_child(folder: str) -> dict:
     _ = backbone.fingerprint
     phases["backbone fingerprint (sha256 of all weights)"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    bank.predict("RTE", example, backbone)
-    phases["bank.predict (get, checks, one example)"] = time.perf_counter() - tick
+    predict_from_bank(bank, "RTE", example, backbone)
+    phases["predict_from_bank (get, checks, one example)"] = time.perf_counter() - tick
     return phases
 
 
@@ -722,7 +705,7 @@ def bank_latency(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
             tick = time.perf_counter()
             bank = PromptBank.open(folder)
             middle = time.perf_counter()
-            bank.predict("RTE", example, backbone)
+            predict_from_bank(bank, "RTE", example, backbone)
             warm_open.append(middle - tick)
             warm_predict.append(time.perf_counter() - middle)
     finally:
@@ -731,12 +714,12 @@ def bank_latency(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
     rows = [["cold: whole process (python, imports, load, query)", f"{median(cold_wall) * 1e3:.0f}"]]
     rows += [[f"cold: {name}", f"{ms * 1e3:.0f}"] for name, ms in phases.items()]
     rows += [["warm: PromptBank.open", f"{median(warm_open) * 1e3:.1f}"],
-             ["warm: bank.predict, one example", f"{median(warm_predict) * 1e3:.1f}"]]
+             ["warm: predict_from_bank, one example", f"{median(warm_predict) * 1e3:.1f}"]]
     md = table(["query", "ms (median)"], rows)
     md += ["", f"One RTE entry (random P′ of shape ({N_TOKENS}, {backbone.width}) and a fresh head; metadata from "
-           f"`run.entry_for`). Cold: a fresh `python` per query, {sizes.repeats} times (the in-process import time "
+           f"`strategies.base.entry_for`). Cold: a fresh `python` per query, {sizes.repeats} times (the in-process import time "
            f"counts from the first line of this script); warm: the same process, backbone loaded and fingerprinted "
-           f"once, {sizes.warm_queries} queries. `bank.predict` re-reads and re-checks the entry's files on every call."]
+           f"once, {sizes.warm_queries} queries. `predict_from_bank` re-reads and re-checks the entry's files on every call."]
     return {"cold_wall_s": cold_wall, "cold_phases_s": phases, "warm_open_s": warm_open,
             "warm_predict_s": warm_predict}, md
 

@@ -32,6 +32,7 @@ import transformers
 import yaml
 
 from continual_rpt import __version__
+from continual_rpt.atomic import replace_json
 from continual_rpt.backbones import load_backbone
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
@@ -65,9 +66,7 @@ def run_name(task: str, variant: str, method: str, seed: int) -> str:
 
 def write_record(path: Path, record: dict) -> None:
     """Write a run record atomically: a grid killed mid-write leaves no half file that a resume would skip."""
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    replace_json(path, record)
 
 
 def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:

@@ -35,7 +35,7 @@ def test_each_strategy_runs_a_stream_into_a_bank(tmp_path, tiny_bert_dir, superg
     entries = [bank.get(t) for t in TASKS]
     assert all(torch.equal(entries[0].prompt, e.prompt) and e.meta["shared_prompt"] for e in entries)
     for entry in entries:
-        assert entry.metrics["strategy"] == method and entry.metrics["early_stopping"] is False
+        assert entry.metrics["strategy"] == method and entry.metrics["early_stopping"] is True  # dev early stopping, as the bank methods
         assert entry.metrics["epochs"] == 1 and len(entry.metrics["history"]) == 1
     assert metrics["per_task"]["WiC"]["prompt_tokens_in_context"] == 3
     assert {p.name for p in (out / "states").iterdir()} == {f"after-{t}.safetensors" for t in TASKS}
@@ -43,7 +43,7 @@ def test_each_strategy_runs_a_stream_into_a_bank(tmp_path, tiny_bert_dir, superg
 
 
 def test_any_stream_converts_to_a_benchmark(tmp_path, tiny_bert, tiny_bert_dir, superglue_dir):
-    from continual_rpt.avalanche import FeatureStore, to_avalanche_benchmark
+    from continual_rpt.strategies.avalanche_model import FeatureStore, to_avalanche_benchmark
 
     stream = with_method(load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA"])), "progressive")
     data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
@@ -110,7 +110,7 @@ def test_agem_memory_holds_example_indices_and_prompt_sized_gradients(tmp_path, 
 
 
 def test_avalanche_metrics_equal_the_runs_own(tmp_path, tiny_bert_dir, superglue_dir):
-    from continual_rpt.avalanche import avalanche_metrics
+    from avalanche_crosscheck import avalanche_metrics
 
     stream = with_method(load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, TASKS)), "naive")
     ours = run_stream(stream, tmp_path / "run", progress=False)
@@ -129,7 +129,7 @@ def test_avalanche_metrics_equal_the_runs_own(tmp_path, tiny_bert_dir, superglue
 
 
 def test_avalanche_metrics_of_a_prompt_bank_show_no_forgetting(tmp_path, tiny_bert_dir, superglue_dir):
-    from continual_rpt.avalanche import avalanche_metrics
+    from avalanche_crosscheck import avalanche_metrics
 
     stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["COPA", "RTE"]))
     ours = run_stream(stream, tmp_path / "run", progress=False)
@@ -139,7 +139,7 @@ def test_avalanche_metrics_of_a_prompt_bank_show_no_forgetting(tmp_path, tiny_be
 
 
 def test_avalanche_metrics_refuse_a_run_without_states_per_task(tmp_path, tiny_bert_dir, superglue_dir):
-    from continual_rpt.avalanche import avalanche_metrics
+    from avalanche_crosscheck import avalanche_metrics
 
     run_stream(with_method(load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["COPA", "RTE"])), "shared"),
                tmp_path / "run", progress=False)
@@ -221,7 +221,7 @@ def test_only_avalanche_strategies_import_avalanche(tmp_path):
         f"assert main(['bank', 'ls', {str(tmp_path / 'bank')!r}]) == 0",
         "loaded = [m for m in sys.modules if m.split('.')[0] == 'avalanche']",
         "assert not loaded, loaded",
-        "import continual_rpt.avalanche",
+        "import continual_rpt.strategies.avalanche",
         "assert 'avalanche' in sys.modules",  # the check above would have seen it
     ])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

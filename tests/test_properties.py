@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from continual_rpt.backbones import BackboneConfig, load_backbone
 from continual_rpt.bank import BankError, Entry, PromptBank, check_name
+from continual_rpt.evaluation import load_answerer
 from continual_rpt.learner import TrainConfig
 from continual_rpt.prompts import ACTIVATIONS, INITS, METHODS, PromptConfig
 from continual_rpt.streams import STRATEGIES, DataConfig, Stream, parse_stream
@@ -434,7 +435,7 @@ def _use(bank_dir: Path, backbone, names=None) -> None:
         bank = PromptBank.open(bank_dir)
         for name in names or bank.tasks():
             bank.get(name)
-            bank.load_for(name, backbone)
+            load_answerer(bank, name, backbone)
     except BankError as err:
         assert str(bank_dir) in str(err), f"BankError without the bank's path: {err}"
 
@@ -524,7 +525,7 @@ def test_entry_json_edit_is_refused_as_a_bank_error_naming_the_file(pristine, wo
     (bank_dir / "COPA" / "entry.json").write_text(json.dumps(ENTRY_CASES[case](meta)))
     _rehash(bank_dir, "COPA", "entry.json")
     with pytest.raises(BankError) as err:
-        PromptBank.open(bank_dir).load_for("COPA", backbone)
+        load_answerer(PromptBank.open(bank_dir), "COPA", backbone)
     assert str(bank_dir / "COPA") in str(err.value)
 
 
@@ -548,7 +549,7 @@ def test_bank_json_edit_is_refused_as_a_bank_error_naming_the_index(pristine, wo
     with pytest.raises(BankError) as err:
         bank = PromptBank.open(bank_dir)
         for name in bank.tasks():
-            bank.load_for(name, backbone)
+            load_answerer(bank, name, backbone)
     assert str(bank_dir) in str(err.value), str(err.value)
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from test_stream import write_stream
 
-from continual_rpt.bank import ENTRY_FILES, BankError, Entry, PromptBank, load_entry, save_entry
+from continual_rpt.bank import ENTRY_FILES, BankError, Entry, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
@@ -510,7 +510,7 @@ def test_pickle_renamed_to_safetensors_is_refused_naming_it(stored, tmp_path, re
         with pytest.raises(BankError) as err:
             PromptBank.open(bank_dir).get("CB")
         with pytest.raises(BankError):
-            load_entry(bank_dir / "CB")  # no checksums: the safetensors reader itself refuses it
+            Entry.from_pretrained(bank_dir / "CB")  # no checksums: the safetensors reader itself refuses it
     finally:
         assert not marker.exists(), "a pickle in the bank was executed"
     assert str(target) in str(err.value)
@@ -552,7 +552,7 @@ def test_bank_refuses_a_nonfinite_prompt_and_keeps_nothing_of_it(tmp_path, bad):
     prompt[1, 5] = bad
     entry = Entry(prompt, None, {"task": "CB"}, {}, {})
     with pytest.raises(BankError, match="non-finite"):
-        save_entry(tmp_path / "lone", entry)
+        entry.save_pretrained(tmp_path / "lone")
     assert not list(tmp_path.iterdir())
     bank = PromptBank.open(tmp_path / "bank", create=True)
     index = (tmp_path / "bank" / "bank.json").read_bytes()

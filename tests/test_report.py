@@ -26,7 +26,7 @@ def write_run(folder, method, seed, R, tokens=(10, 10, 10), wall=100.0, tasks=TA
     metrics = {
         "stream": stream, "method": method, "seed": seed, "backbone": "embedded", "tasks": list(tasks),
         "accuracy_matrix": R, "average_score": average_score(R), "forgetting": forgetting(R),
-        "backward_transfer": backward_transfer(R), "forward_transfer": None,
+        "backward_transfer": backward_transfer(R),
         "final_scores": {name: R[-1][i] for i, name in enumerate(tasks)}, "per_task": per_task, "wall_seconds": wall,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -58,7 +58,7 @@ def test_table_means_stds_and_seed_counts(runs, tmp_path):
     assert pt["forgetting_mean"] == pytest.approx(12.5) and pt["forgetting_std"] == pytest.approx(0)
     assert pt["backward_transfer_mean"] == pytest.approx(-12.5)
     assert pt["average_score_mean"] == pytest.approx(42.0) and pt["average_score_std"] == pytest.approx(math.sqrt(8))
-    assert math.isnan(pt["forward_transfer_mean"])
+    assert "forward_transfer_mean" not in table.columns
     # costs: tokens in context the max over tasks, parameters summed over tasks, wall time per run
     assert rpt["prompt_tokens_in_context_mean"] == 10 and pt["prompt_tokens_in_context_mean"] == 30
     assert rpt["trainable_parameters_mean"] == 3000 and rpt["stored_parameters_mean"] == 300
@@ -78,10 +78,10 @@ def test_csv_and_markdown_content(runs, tmp_path):
     assert "average score" in header and "final RTE" in header and "wall time (s)" in header
     rpt = next(line for line in md.splitlines() if line.startswith("| rpt |"))
     cells = [c.strip() for c in rpt.strip("|").split("|")]
-    # method, seeds, average, forgetting, backward, forward, final CB, COPA, RTE, tokens, trainable, stored, wall
-    assert cells == ["rpt", "2", "50.0 ± 1.4", "0.0 ± 0.0", "0.0 ± 0.0", "—", "71.0 ± 1.4", "61.0 ± 1.4",
+    # method, seeds, average, forgetting, backward, final CB, COPA, RTE, tokens, trainable, stored, wall
+    assert cells == ["rpt", "2", "50.0 ± 1.4", "0.0 ± 0.0", "0.0 ± 0.0", "71.0 ± 1.4", "61.0 ± 1.4",
                      "18.0 ± 1.4", "10", "3,000", "300", "105 ± 7"]
-    assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | — |" in md
+    assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | 42.0 ± 2.8 |" in md
 
 
 def test_plots_are_valid_pngs(runs, tmp_path):
@@ -101,7 +101,7 @@ def test_undefined_values_render_as_dash_and_one_seed_has_no_std(tmp_path):
     table = compare([run], tmp_path / "report")
     assert math.isnan(table.loc[0, "forgetting_mean"]) and math.isnan(table.loc[0, "average_score_std"])
     row = next(line for line in (tmp_path / "report" / "comparison.md").read_text().splitlines() if line.startswith("| rpt"))
-    assert row == "| rpt | 1 | 70.0 | — | — | — | 70.0 | 10 | 1,000 | 100 | 100 |"
+    assert row == "| rpt | 1 | 70.0 | — | — | 70.0 | 10 | 1,000 | 100 | 100 |"
 
 
 def test_missing_metrics_json_names_the_folder(runs, tmp_path):

@@ -8,7 +8,7 @@ from test_stream import write_stream
 
 from continual_rpt.bank import PromptBank
 from continual_rpt.cli import main
-from continual_rpt.evaluation import predict
+from continual_rpt.evaluation import load_answerer, predict
 from continual_rpt.run import run_stream
 from continual_rpt.strategies import with_method
 from continual_rpt.streams import load_data, load_stream
@@ -31,7 +31,7 @@ def test_progressive_prompts_grow_and_never_forget(tmp_path, tiny_bert, tiny_ber
     assert bank.get("RTE").meta["context"] == ["COPA", "CB"]
     # The bank answers RTE with [P′_RTE; P′_COPA; P′_CB], exactly as it was trained and evaluated.
     own = [bank.get(t).prompt for t in ("RTE", "COPA", "CB")]
-    task, prompt, head, _ = bank.load_for("RTE", tiny_bert)
+    task, prompt, head, _ = load_answerer(bank, "RTE", tiny_bert)
     assert torch.equal(prompt, torch.cat(own))
     rte = load_data(stream.tasks[2], stream.base_dir)
     assert task.score(rte.test, predict(tiny_bert, prompt, head, rte.test, 96, bf16=False)) == metrics["per_task"]["RTE"]["final_test"]

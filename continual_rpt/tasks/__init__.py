@@ -8,3 +8,6 @@ __all__ = ["SUPERGLUE", "DataError", "Example", "Task", "TaskData", "get_task", 
 from .custom import CustomTaskConfig, custom_config_from_dict, custom_task, load_custom_data, read_custom_examples
 
 __all__ += ["CustomTaskConfig", "custom_config_from_dict", "custom_task", "load_custom_data", "read_custom_examples"]
+from .stored import read_examples, task_from_meta
+
+__all__ += ["read_examples", "task_from_meta"]
