@@ -84,12 +84,11 @@ class BaselineConfig:
     agem_sample_size: int = field(default=64, metadata={"help": "A-GEM: memory examples per reference gradient (Avalanche's default)"})
 
     def __post_init__(self) -> None:
-        for name in ("ewc_lambda", "lwf_alpha", "lwf_temperature"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name}: must be a finite number ≥ 0, got {getattr(self, name)}")
-        for name in ("replay_mem_size", "agem_patterns_per_exp", "agem_sample_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        bad = [(name, value) for name, value in dataclasses.asdict(self).items()
+               if not (math.isfinite(value) and value >= (1 if isinstance(value, int) else 0))]
+        if bad:
+            name, value = bad[0]
+            raise ValueError(f"{name}: must be {'at least 1' if isinstance(value, int) else 'a finite number ≥ 0'}, got {value}")
 
 
 @dataclass

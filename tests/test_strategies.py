@@ -1,5 +1,6 @@
 """Continual-learning strategies on a tiny BERT and real data: progressive, shared, multitask."""
 
+import dataclasses
 import json
 
 import pytest
@@ -84,3 +85,50 @@ def test_shared_strategy_refuses_mixed_prompt_settings(tmp_path, tiny_bert_dir, 
     tasks = ["CB", {"task": "COPA", "prompt": {"n_tokens": 5}}]
     with pytest.raises(ValueError, match="same prompt settings"):
         run(tmp_path, tiny_bert_dir, superglue_dir, "shared", tasks=tasks)
+
+
+def test_one_registry_serves_the_stream_parser_both_commands_and_the_labels(tmp_path, tiny_bert_dir, superglue_dir, capsys):
+    from continual_rpt.strategies import METHODS, REGISTRY, SINGLE_TASK_METHODS, method_label, strategy_class
+    from continual_rpt.streams import STRATEGIES
+
+    assert STRATEGIES == tuple(REGISTRY)
+    for name in REGISTRY:  # every row names a class that implements the contract
+        cls = strategy_class(name)
+        assert all(callable(getattr(cls, step, None)) for step in ("learn", "predict", "finish", "context_tasks"))
+    stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA"]))
+    for method in METHODS:  # a method's stream is labelled with that method again
+        assert method_label(with_method(stream, method)) == method
+    assert SINGLE_TASK_METHODS == ("rpt", "pt", "pt-mlp", "head")
+    bad = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"], name="bad.yaml", strategy="gem")
+    with pytest.raises(ValueError, match="strategy: 'gem' is not one of bank, progressive"):
+        load_stream(bad)
+    assert main(["train", "--task", "CB", "--method", "progressive", "--out", str(tmp_path / "t")]) == 2
+    assert "crpt run STREAM --method progressive" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_baseline_settings_are_stream_keys_with_the_old_values_as_defaults(tmp_path, tiny_bert_dir, superglue_dir):
+    from continual_rpt.strategies.avalanche import strategy_options
+    from continual_rpt.streams import BaselineConfig
+
+    assert dataclasses.asdict(BaselineConfig()) == {"ewc_lambda": 1000.0, "lwf_alpha": 1.0, "lwf_temperature": 2.0, "replay_mem_size": 200,
+                                                     "agem_patterns_per_exp": 100, "agem_sample_size": 64}
+    path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"], baseline={"ewc_lambda": 5, "replay_mem_size": 16})
+    stream = load_stream(path)
+    assert strategy_options("ewc", stream.baseline)[1] == {"ewc_lambda": 5.0}
+    assert strategy_options("replay", stream.baseline)[1] == {"mem_size": 16}
+    bad = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"], name="bad.yaml", baseline={"replay_mem_size": 0})
+    with pytest.raises(ValueError, match=r"baseline\.replay_mem_size: must be at least 1"):
+        load_stream(bad)
+
+
+def test_a_run_folder_written_before_the_baseline_key_still_resumes(tmp_path, tiny_bert_dir, superglue_dir):
+    path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA"])
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    stored = json.loads((out / "stream.json").read_text())
+    del stored["baseline"]  # as the previous release wrote it
+    (out / "stream.json").write_text(json.dumps(stored))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]

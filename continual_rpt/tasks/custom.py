@@ -286,15 +286,8 @@ def _load_hub(
     return train, dev, test, {f"{name}/{split}": getattr(dataset[split], "_fingerprint", "") or "" for split in splits}
 
 
-def load_custom_data(
-    cfg: CustomTaskConfig,
-    base_dir: str | Path | None = None,
-    *,
-    k_per_class: int | None = None,
-    max_train: int | None = None,
-    seed: int = 0,
-    split_seed: int = 42,
-) -> TaskData:
+def load_custom_data(cfg: CustomTaskConfig, base_dir: str | Path | None = None, *, k_per_class: int | None = None,
+                     max_train: int | None = None, seed: int = 0, split_seed: int = 42) -> TaskData:
     """Load train/dev/test of a custom task; relative paths resolve against `base_dir` (the stream file's folder)."""
     task = custom_task(cfg)
     if cfg.hub is not None:

@@ -31,25 +31,23 @@ def _get(row: dict, key: str, where: str, prefix: str = "") -> object:
     return row[key]
 
 
-def _text(row: dict, key: str, where: str, prefix: str = "") -> str:
+def _typed(row: dict, key: str, where: str, prefix: str, kind: type, kind_name: str):
     value = _get(row, key, where, prefix)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{prefix}{key}' must be a string, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field '{prefix}{key}' must be {kind_name}, got {type(value).__name__}")
     return value
+
+
+def _text(row: dict, key: str, where: str, prefix: str = "") -> str:
+    return _typed(row, key, where, prefix, str, "a string")
 
 
 def _object(row: dict, key: str, where: str, prefix: str = "") -> dict:
-    value = _get(row, key, where, prefix)
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: field '{prefix}{key}' must be an object, got {type(value).__name__}")
-    return value
+    return _typed(row, key, where, prefix, dict, "an object")
 
 
 def _list(row: dict, key: str, where: str, prefix: str = "") -> list:
-    value = _get(row, key, where, prefix)
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field '{prefix}{key}' must be a list, got {type(value).__name__}")
-    return value
+    return _typed(row, key, where, prefix, list, "a list")
 
 
 def _label(row: dict, where: str, values: dict, prefix: str = "") -> int:
