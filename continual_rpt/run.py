@@ -79,6 +79,9 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
     # Every task's data first: a bad file or setting fails now, not hours into the stream.
     data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+    for name, d in data.items():
+        for origin, count in d.skipped.items():
+            log.info("%s: skipped %d rows of %s whose label names no class", name, count, origin)
     backbone = stream.backbone.load()
     bank = PromptBank.open(out / BANK_DIR, create=True)
     for name in bank.tasks():  # a resumed run must see the data its finished entries were trained on
@@ -117,7 +120,8 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
     R = [[row.get(name, {}).get("score") for name in names] for row in state["rows"]]
     per_task = {}
     for i, name in enumerate(names):
-        m = bank.get(name).metrics
+        entry = bank.get(name)
+        m = entry.metrics
         per_task[name] = {
             "score_after_learning": R[i][i],
             "final_score": R[-1][i],
@@ -130,6 +134,7 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "train_seconds": m["wall_seconds"],
             "task_seconds": state["seconds"][name],
             "train_examples_per_second": m["train_examples_per_second"],
+            "skipped_rows": sum(entry.meta.get("skipped_rows", {}).values()),
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
     return {

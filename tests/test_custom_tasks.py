@@ -271,3 +271,66 @@ def test_unreachable_hub_is_a_data_error(tmp_path):
     )
     assert "DataError: could not load fancyzhx/ag_news" in result.stdout, result.stderr
     assert "could not be reached" in result.stdout
+
+
+# --- the CL benchmark's JSON-array layout (../shared/data/cl_benchmark) ------------------------------
+
+MNLI_LABELS = ("neutral", "entailment", "contradiction")
+
+
+def test_json_array_files_of_the_cl_benchmark_skip_and_count_rows_without_a_gold_label(shared_data):
+    folder = shared_data / "cl_benchmark" / "NLI" / "MNLI"
+    assert tuple(json.loads((folder / "labels.json").read_text())) == MNLI_LABELS
+    cfg = CustomTaskConfig("mnli", MNLI_LABELS, "sentence", train=str(folder / "train.json"),
+                           validation=str(folder / "test.json"), unknown_labels="skip")
+    data = load_custom_data(cfg)
+    test_rows = json.loads((folder / "test.json").read_text())
+    unlabelled = sum(row["label"] not in MNLI_LABELS for row in test_rows)
+    assert unlabelled == 131  # as the data README counts them
+    assert data.skipped == {str(folder / "test.json"): 131}
+    assert len(data.train) == 3000 and len(data.dev) + len(data.test) == len(test_rows) - 131
+    assert all(0 <= ex.label < 3 for ex in data.dev + data.test)
+    assert data.train[0].pairs[0][0] == json.loads((folder / "train.json").read_text())[0]["sentence"]
+    assert data.train[5].uid == "mnli/train/[5]"
+    assert data.files[str(folder / "train.json")] == hashlib.sha256((folder / "train.json").read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=r"test\.json:\[\d+\]: unknown value '-' in column 'label'"):
+        load_custom_data(CustomTaskConfig("mnli", MNLI_LABELS, "sentence", train=str(folder / "train.json"),
+                                          validation=str(folder / "test.json")))  # unknown_labels: error (the default)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"label": "a", "sentence": "x"}', r"expected one JSON array of rows, got dict"),
+    ("[]", r"is an empty array"),
+    ('[{"label": "a", "sentence": "x"}, 7]', r"bad\.json:\[1\]: expected a JSON object"),
+    ('[{"label": "a", "sentence": "x"}, {"label": "a"}]', r"bad\.json:\[1\]: missing column 'sentence'"),
+    ('[{"label": "a", "sentence": "x"', r"bad\.json: malformed JSON"),
+])
+def test_json_array_errors_name_the_file_and_the_row_index(tmp_path, content, message):
+    bad = _write(tmp_path / "bad.json", content)
+    cfg = CustomTaskConfig("t", ("a", "b"), "sentence", train=str(bad), validation=str(bad))
+    with pytest.raises(DataError, match=message):
+        load_custom_data(cfg)
+
+
+def test_split_from_train_carves_a_seeded_third_into_dev_and_test(shared_data):
+    folder = shared_data / "cl_benchmark" / "SC" / "yelp"  # published without a test file
+    labels = tuple(json.loads((folder / "labels.json").read_text()))
+    cfg = custom_config_from_dict({"name": "yelp", "label_names": list(labels), "text": "sentence",
+                                   "train": str(folder / "train.json"), "split_from": "train"}, "stream")
+    data = load_custom_data(cfg)
+    assert (len(data.train), len(data.dev), len(data.test)) == (3334, 833, 833)
+    uids = [ex.uid for ex in data.train + data.dev + data.test]
+    assert len(set(uids)) == 5000  # disjoint and covering
+    assert [ex.uid for ex in load_custom_data(cfg).test] == [ex.uid for ex in data.test]  # the same carve every time
+    with pytest.raises(ValueError, match="split_from: train and validation are both set"):
+        CustomTaskConfig("yelp", labels, "sentence", train="a.json", validation="b.json", split_from="train")
+    with pytest.raises(ValueError, match="split_from must be 'train'"):
+        CustomTaskConfig("yelp", labels, "sentence", train="a.json", split_from="test")
+
+
+def test_a_missing_evaluation_file_names_the_ways_to_provide_it(shared_data):
+    folder = shared_data / "cl_benchmark" / "SC" / "yelp"
+    labels = tuple(json.loads((folder / "labels.json").read_text()))
+    cfg = CustomTaskConfig("yelp", labels, "sentence", train=str(folder / "train.json"), validation=str(folder / "test.json"))
+    with pytest.raises(DataError, match=r"yelp/test\.json not found; .*split_from: train.*hub: <dataset id>"):
+        load_custom_data(cfg)

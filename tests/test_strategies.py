@@ -132,3 +132,15 @@ def test_a_run_folder_written_before_the_baseline_key_still_resumes(tmp_path, ti
     metrics = json.loads((out / "metrics.json").read_text())
     assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_skipped_rows_are_counted_in_the_runs_log_and_metrics(tmp_path, tiny_bert_dir, superglue_dir, shared_data):
+    folder = shared_data / "cl_benchmark" / "NLI" / "MNLI"
+    mnli = {"custom": {"name": "mnli", "label_names": ["neutral", "entailment", "contradiction"], "text": "sentence",
+                       "train": str(folder / "train.json"), "validation": str(folder / "test.json"), "unknown_labels": "skip"},
+            "data": {"max_eval": 40}}
+    stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", mnli]))
+    metrics = run_stream(stream, tmp_path / "run", progress=False)
+    assert metrics["per_task"]["mnli"]["skipped_rows"] == 131 and metrics["per_task"]["CB"]["skipped_rows"] == 0
+    assert f"mnli: skipped 131 rows of {folder / 'test.json'} whose label names no class" in (tmp_path / "run" / "log.txt").read_text()
+    assert PromptBank.open(tmp_path / "run" / "bank").get("mnli").meta["skipped_rows"] == {str(folder / "test.json"): 131}

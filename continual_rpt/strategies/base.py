@@ -62,6 +62,7 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "prompt_tokens": trained.metrics["prompt_tokens"],
         "dtype": "float32",
         "data_files": data.files,
+        "skipped_rows": data.skipped,  # rows dropped because their label names no class, per file
     }
     config = {"backbone": dataclasses.asdict(backbone_cfg), **{s: dataclasses.asdict(getattr(spec, s)) for s in SECTIONS}}
     return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history})

@@ -1,4 +1,12 @@
-"""User-declared classification tasks: a text (or text pair) and a label read from csv/tsv/jsonl files or the hub."""
+"""User-declared classification tasks: a text (or text pair) and a label read from csv/tsv/jsonl/json files or the hub.
+
+A `.json` file is one JSON array of row objects, the layout in which O-LoRA, SAPT and later papers
+ship the CL benchmark (`{"label": name, "sentence": text}`); its rows are located by array index
+(`train.json:[17]`). `unknown_labels: skip` drops rows whose label is not a class (MNLI's `-`
+rows, which have no gold label) and counts them in `TaskData.skipped`. `split_from: train` carves
+a seeded third of the train file out as the validation set (halved into dev and test, like any
+validation file), for datasets published without an evaluation file.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import random
 import types
 import typing
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,10 +26,11 @@ from .base import DataError, Example, Parser, Scorer, Task
 from .data import TaskData, decode_json_line, halve, read_lines, sample
 
 METRICS = {"accuracy": ("accuracy",), "macro_f1": ("macro_f1",), "accuracy+macro_f1": ("accuracy", "macro_f1")}
-SUFFIXES = (".csv", ".tsv", ".jsonl")
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+UNKNOWN_LABELS = ("error", "skip")
 FILE_FIELDS = ("train", "validation", "dev", "test")
 
-Row = tuple[int, dict]  # (1-based line number where the row starts, the row as read; Task.parse checks it is a dict)
+Row = tuple[int | str, dict]  # (1-based line where the row starts, or "[i]" in a JSON array; the row as read)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,8 @@ class CustomTaskConfig:
     hub_train_split: str = "train"
     hub_eval_split: str = "test"
     metric: str = "accuracy"
+    unknown_labels: str = "error"
+    split_from: str | None = None
 
     def __post_init__(self) -> None:
         """Reject inconsistent declarations, naming the offending field."""
@@ -61,6 +73,8 @@ class CustomTaskConfig:
                 raise ValueError(f"{field_name} must name at least one column, and no empty column")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.unknown_labels not in UNKNOWN_LABELS:
+            raise ValueError(f"unknown_labels must be one of {list(UNKNOWN_LABELS)}, got {self.unknown_labels!r}")
         self._check_source()
 
     def _check_source(self) -> None:
@@ -71,9 +85,14 @@ class CustomTaskConfig:
             return
         if self.train is None:
             raise ValueError("train is missing: give a training file (or a hub dataset id)")
-        if self.validation is not None and (self.dev is not None or self.test is not None):
+        if self.split_from is not None:
+            if self.split_from != "train":
+                raise ValueError(f"split_from must be 'train' (carve dev and test out of the train file), got {self.split_from!r}")
+            if len(given) > 1:
+                raise ValueError(f"split_from: train and {given[1]} are both set; dev and test come from the train file")
+        elif self.validation is not None and (self.dev is not None or self.test is not None):
             raise ValueError("validation is set together with dev/test; give either validation or both dev and test")
-        if self.validation is None and (self.dev is None or self.test is None):
+        elif self.validation is None and (self.dev is None or self.test is None):
             raise ValueError(f"{'dev' if self.dev is None else 'test'} is missing: give validation, or dev and test")
         for field_name in given:
             path = getattr(self, field_name)
@@ -103,6 +122,10 @@ def _text(row: dict, column: str, where: str) -> str:
     return value
 
 
+class UnknownLabel(DataError):
+    """A label cell that names no class (and is no class index)."""
+
+
 def _label(row: dict, cfg: CustomTaskConfig, where: str) -> int:
     """The class index of a label cell: a label name, or an index (int, bool, or digit string from csv/tsv).
 
@@ -121,7 +144,7 @@ def _label(row: dict, cfg: CustomTaskConfig, where: str) -> int:
     if isinstance(value, bool):
         value = int(value)
     if not isinstance(value, int):
-        raise DataError(
+        raise UnknownLabel(
             f"{where}: unknown value {value!r} in column '{cfg.label}' "
             f"(expected one of {list(names)} or an index 0..{len(names) - 1})"
         )
@@ -197,14 +220,31 @@ def _table_rows(path: Path, text: str) -> Iterator[Row]:
         raise DataError(f"{path} has a header but no rows")
 
 
+def _array_rows(path: Path, data: bytes) -> Iterator[Row]:
+    """Rows of a file holding one JSON array, located by their index in it."""
+    try:
+        rows = decode_json_line(data.decode("utf-8-sig"), str(path))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected one JSON array of rows, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{path} is an empty array")
+    return ((f"[{i}]", row) for i, row in enumerate(rows))
+
+
 def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
     """The rows of a csv, tsv or jsonl file, checked one by one in file order; records its sha256 in `files`."""
     if not path.is_file():
-        raise DataError(f"{path} not found")
+        raise DataError(f"{path} not found; give the file, or, where a dataset was published without an evaluation file, "
+                        "carve dev and test out of the train file (split_from: train) or read it from the hub (hub: <dataset id>)")
     if path.suffix.lower() == ".jsonl":
         files[str(path)], lines = read_lines(path)
         return ((number, decode_json_line(line, f"{path}:{number}")) for number, line in lines)
     data = path.read_bytes()
+    if path.suffix.lower() == ".json":
+        files[str(path)] = hashlib.sha256(data).hexdigest()
+        return _array_rows(path, data)
     try:
         # utf-8-sig: spreadsheet programs often start a csv with a byte-order mark, which would rename the first column.
         text = data.decode("utf-8-sig")
@@ -214,11 +254,21 @@ def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
     return _table_rows(path, text)
 
 
-def _parse_rows(parse: Parser, origin: str, rows: Iterable[Row], label_column: str | None) -> list[Example]:
-    """Examples of `rows`; with a `label_column`, every row must carry a label."""
+def _parse_rows(parse: Parser, origin: str, rows: Iterable[Row], label_column: str | None,
+                skipped: dict[str, int] | None = None) -> list[Example]:
+    """Examples of `rows`; with a `label_column`, every row must carry a label.
+
+    With `skipped` given, a row whose label names no class is dropped and counted under `origin`.
+    """
     examples = []
     for number, row in rows:
-        parsed = parse(row, f"{origin}:{number}")
+        try:
+            parsed = parse(row, f"{origin}:{number}")
+        except UnknownLabel:
+            if skipped is None:
+                raise
+            skipped[origin] = skipped.get(origin, 0) + 1
+            continue
         if label_column is not None and any(example.label < 0 for example in parsed):
             raise DataError(f"{origin}:{number}: missing column '{label_column}' (the row has {list(row)})")
         examples.extend(parsed)
@@ -237,29 +287,34 @@ def _halves(rows: list[Row], origin: str, split_seed: int) -> tuple[list[Row], l
     return halve(rows, split_seed)
 
 
-def _load_files(
-    task: Task, cfg: CustomTaskConfig, base_dir: Path, split_seed: int
-) -> tuple[list[Example], list[Example], list[Example], dict[str, str]]:
+def _load_files(task: Task, cfg: CustomTaskConfig, base_dir: Path, split_seed: int) -> TaskData:
     files: dict[str, str] = {}
+    skipped: dict[str, int] | None = {} if cfg.unknown_labels == "skip" else None
 
-    def load(field_name: str) -> tuple[Path, Iterator[Row]]:
+    def load(field_name: str) -> tuple[str, list[Row]]:
         path = base_dir / getattr(cfg, field_name)
-        return path, _iter_rows(path, files)
+        return str(path), list(_iter_rows(path, files))
+
+    def parse(origin: str, rows: list[Row]) -> list[Example]:
+        return _parse_rows(task.parse, origin, rows, cfg.label, skipped)
 
     train_path, train_rows = load("train")
-    train = _parse_rows(task.parse, str(train_path), train_rows, cfg.label)
-    if cfg.validation is not None:
-        path, rows = load("validation")
-        halves = _halves(list(rows), str(path), split_seed)
-        dev, test = (_parse_rows(task.parse, str(path), half, cfg.label) for half in halves)
+    held: set[int] = set()
+    if cfg.split_from == "train":  # a seeded third of the train file is the validation set
+        order = list(range(len(train_rows)))
+        random.Random(split_seed).shuffle(order)
+        held = set(order[: len(order) // 3])
+    train = parse(train_path, [row for i, row in enumerate(train_rows) if i not in held])
+    if cfg.split_from == "train" or cfg.validation is not None:
+        carved = (train_path, [row for i, row in enumerate(train_rows) if i in held])
+        origin, rows = carved if cfg.split_from == "train" else load("validation")
+        dev, test = (parse(origin, half) for half in _halves(rows, origin, split_seed))
     else:
-        dev, test = (_parse_rows(task.parse, str(path), rows, cfg.label) for path, rows in (load("dev"), load("test")))
-    return train, dev, test, files
+        dev, test = (parse(*load(name)) for name in ("dev", "test"))
+    return TaskData(task, train, dev, test, files, skipped or {})
 
 
-def _load_hub(
-    task: Task, cfg: CustomTaskConfig, split_seed: int
-) -> tuple[list[Example], list[Example], list[Example], dict[str, str]]:
+def _load_hub(task: Task, cfg: CustomTaskConfig, split_seed: int) -> TaskData:
     """Train from the train split; dev/test halve the evaluation split as a validation file is halved."""
     try:
         import datasets
@@ -283,18 +338,15 @@ def _load_hub(
     eval_rows = list(enumerate(dataset[cfg.hub_eval_split], start=1))
     dev, test = (_parse_rows(task.parse_hub, eval_name, half, cfg.label) for half in _halves(eval_rows, eval_name, split_seed))
     splits = (cfg.hub_train_split, cfg.hub_eval_split)
-    return train, dev, test, {f"{name}/{split}": getattr(dataset[split], "_fingerprint", "") or "" for split in splits}
+    return TaskData(task, train, dev, test, {f"{name}/{split}": getattr(dataset[split], "_fingerprint", "") or "" for split in splits})
 
 
 def load_custom_data(cfg: CustomTaskConfig, base_dir: str | Path | None = None, *, k_per_class: int | None = None,
                      max_train: int | None = None, seed: int = 0, split_seed: int = 42) -> TaskData:
     """Load train/dev/test of a custom task; relative paths resolve against `base_dir` (the stream file's folder)."""
     task = custom_task(cfg)
-    if cfg.hub is not None:
-        train, dev, test, files = _load_hub(task, cfg, split_seed)
-    else:
-        train, dev, test, files = _load_files(task, cfg, Path(base_dir or "."), split_seed)
-    return TaskData(task, sample(task, train, k_per_class, max_train, seed), dev, test, files)
+    data = _load_hub(task, cfg, split_seed) if cfg.hub is not None else _load_files(task, cfg, Path(base_dir or "."), split_seed)
+    return dataclasses.replace(data, train=sample(task, data.train, k_per_class, max_train, seed))
 
 
 # --- YAML mappings -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,13 +23,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TaskData:
-    """The train/dev/test examples of one task and the sha256 of every file they came from."""
+    """The train/dev/test examples of one task, the sha256 of every file they came from, and rows skipped per file."""
 
     task: Task
     train: list[Example]
     dev: list[Example]
     test: list[Example]
     files: dict[str, str]
+    skipped: dict[str, int] = field(default_factory=dict)  # rows whose label names no class (unknown_labels: skip)
 
 
 def read_lines(path: Path) -> tuple[str, list[Line]]:
