@@ -6,6 +6,8 @@
     accuracy_matrix_<method>.png   each method's accuracy matrix (mean over seeds), one shared colour scale
     score_along_stream.png         each task's score after learning each later task, one line per method
     final_scores.png               final score per task by method, error bars = std over seeds
+    differences.md, .csv           95% bootstrap intervals: each method's task average and final task scores
+                                   (seeds pooled), and its paired difference from the first method given
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.colors import Normalize
+
+from continual_rpt.confidence import LEVEL, interval, pooled
 
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",
             "final_scores", "per_task", "wall_seconds")
@@ -234,6 +238,65 @@ def plot_final_scores(table: pd.DataFrame, tasks: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def load_bootstraps(runs: list[Path], groups: dict[str, list[dict]], loaded: list[dict]) -> dict[str, dict[int, dict]] | None:
+    """Each method's runs' resampled final scores by seed, or None if a run has none (made before bootstrap.json)."""
+    by_metrics = {id(m): folder for folder, m in zip(runs, loaded)}
+    found: dict[str, dict[int, dict]] = {}
+    test_sets = None
+    for label, group in groups.items():
+        for m in group:
+            path = by_metrics[id(m)] / "bootstrap.json"
+            if not path.is_file():
+                return None
+            doc = json.loads(path.read_text())
+            if test_sets is not None and doc["test_sets"] != test_sets:
+                raise ReportError(f"{path}: the runs were scored on different test examples; their intervals cannot be paired")
+            test_sets = doc["test_sets"]
+            found.setdefault(label, {})[m.get("seed")] = doc["scores"]
+    return found
+
+
+def differences(boots: dict[str, dict[int, dict]], groups: dict[str, list[dict]], tasks: list[str]) -> pd.DataFrame:
+    """Per method: the task average and each final task score with their intervals, and the paired difference from the first method."""
+    reference = next(iter(boots))
+    rows = []
+    for label, by_seed in boots.items():
+        runs = {m.get("seed"): m for m in groups[label]}
+        average = interval(float(np.mean([runs[s]["average_score"] for s in by_seed])), pooled(list(by_seed.values()), tasks))
+        row = {"method": label, "seeds": len(by_seed), "average": average.estimate, "average_low": average.low, "average_high": average.high}
+        for t in tasks:
+            ci = interval(float(np.mean([runs[s]["final_scores"][t] for s in by_seed])), pooled(list(by_seed.values()), [t]))
+            row.update({f"final_{t}": ci.estimate, f"final_{t}_low": ci.low, f"final_{t}_high": ci.high})
+        paired = sorted(set(by_seed) & set(boots[reference]), key=str)  # the same seeds: same data samples and initial prompts
+        if label != reference and paired:
+            mine, theirs = pooled([by_seed[s] for s in paired], tasks), pooled([boots[reference][s] for s in paired], tasks)
+            ref_runs = {m.get("seed"): m for m in groups[reference]}
+            estimate = float(np.mean([runs[s]["average_score"] - ref_runs[s]["average_score"] for s in paired]))
+            diff = interval(estimate, [a - b for a, b in zip(mine, theirs)])
+            row.update({"vs": reference, "paired_seeds": len(paired), "difference": diff.estimate,
+                        "difference_low": diff.low, "difference_high": diff.high, "resolved": diff.excludes_zero})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def differences_markdown(frame: pd.DataFrame, tasks: list[str]) -> str:
+    """differences.md: intervals of each method's scores and of its paired difference from the first method."""
+    def span(row, stem):
+        return f"{row[stem]:.1f} [{row[stem + '_low']:.1f}, {row[stem + '_high']:.1f}]"
+    header = ["method", "seeds", "average", *(f"final {t}" for t in tasks), "difference from first (paired seeds)", "resolved"]
+    lines = [f"# Confidence intervals ({LEVEL:.0%}, percentile bootstrap over test examples, seeds pooled)", "",
+             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for _, row in frame.iterrows():
+        has_diff = "difference" in row and not pd.isna(row.get("difference"))
+        diff = f"{span(row, 'difference')} vs {row['vs']} ({int(row['paired_seeds'])})" if has_diff else "—"
+        resolved = ("yes" if row["resolved"] else "no") if has_diff else "—"
+        lines.append("| " + " | ".join([row["method"], str(row["seeds"]), span(row, "average"), *(span(row, f"final_{t}") for t in tasks),
+                                         diff, resolved]) + " |")
+    lines += ["", "A resample draws the test examples (MultiRC questions, ReCoRD queries) with replacement; every run of the stream "
+              "scores the same resamples, so a difference is paired by resample and by seed. Resolved: the interval excludes 0."]
+    return "\n".join(lines) + "\n"
+
+
 def compare(runs: list[Path], out: Path) -> pd.DataFrame:
     """Compare finished run folders of one stream: write the table and plots into `out` and return the table."""
     runs = [Path(r) for r in runs]
@@ -251,6 +314,11 @@ def compare(runs: list[Path], out: Path) -> pd.DataFrame:
     plot_matrices(matrices, {label: len(group) for label, group in groups.items()}, tasks, out)
     plot_along_stream(matrices, tasks, out)
     plot_final_scores(table, tasks, out)
+    boots = load_bootstraps(runs, groups, loaded)
+    if boots is not None:
+        frame = differences(boots, groups, tasks)
+        frame.to_csv(out / "differences.csv", index=False)
+        (out / "differences.md").write_text(differences_markdown(frame, tasks))
     return table
 
 
@@ -258,5 +326,8 @@ def command(args: argparse.Namespace) -> int:
     """Run `crpt compare` and print the Markdown table."""
     compare(args.runs, args.out)
     print((args.out / "comparison.md").read_text(), end="")
-    print(f"written to {args.out}: comparison.csv, comparison.md, accuracy_matrix_*.png, score_along_stream.png, final_scores.png")
+    if (args.out / "differences.md").is_file():
+        print((args.out / "differences.md").read_text(), end="")
+    print(f"written to {args.out}: comparison.csv, comparison.md, differences.csv, differences.md (runs with bootstrap.json), "
+          "accuracy_matrix_*.png, score_along_stream.png, final_scores.png")
     return 0

@@ -5,7 +5,8 @@ A run folder holds:
     bank/                 the prompt bank, one collapsed entry per finished task
     state.json            the accuracy-matrix rows finished so far (what --resume continues from)
     accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
-    metrics.json          average score, forgetting, backward transfer, per-task details
+    metrics.json          average score, forgetting, backward transfer, per-task details (final score's 95% CI)
+    bootstrap.json        each task's final score on 1000 bootstrap resamples of its test set (paired comparisons)
     log.txt               what happened, with times
 
 Each step is written atomically, so an interrupted run (Ctrl-C, kill) resumes with the first
@@ -25,13 +26,14 @@ from tqdm.auto import tqdm
 
 from continual_rpt.atomic import replace_json
 from continual_rpt.bank import PromptBank
+from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
 from continual_rpt.strategies import make_strategy, method_label
 from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
 
-STREAM_FILE, STATE_FILE, BANK_DIR = "stream.json", "state.json", "bank"
+STREAM_FILE, STATE_FILE, BANK_DIR, BOOTSTRAP_FILE = "stream.json", "state.json", "bank", "bootstrap.json"
 
 
 class RunError(ValueError):
@@ -100,7 +102,11 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         if strategy.learn(i, spec, data, progress):
             for seen in stream.tasks[: i + 1]:
                 d = data[seen.name]
-                row[seen.name] = d.task.score(d.test, strategy.predict(seen.name, d.task, d.test))
+                predictions = strategy.predict(seen.name, d.task, d.test)
+                row[seen.name] = d.task.score(d.test, predictions)
+                if i == len(stream.tasks) - 1:  # the final scores' resamples, for confidence intervals and paired comparisons
+                    state.setdefault("bootstrap", {})[seen.name] = resampled_scores(d.task, d.test, predictions)
+                    state.setdefault("test_sets", {})[seen.name] = examples_id(d.test)
         state["rows"].append(row)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
         replace_json(out / STATE_FILE, state)
@@ -109,7 +115,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     bar.close()
     strategy.finish(data)
     metrics = summarize(stream, bank, state)
-    write_results(out, stream, metrics)
+    write_results(out, state, metrics)
     log.info("done: average %.2f, forgetting %s", metrics["average_score"], metrics["forgetting"])
     return metrics
 
@@ -122,6 +128,8 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
     for i, name in enumerate(names):
         entry = bank.get(name)
         m = entry.metrics
+        resampled = state.get("bootstrap", {}).get(name)  # absent in runs finished before confidence intervals existed
+        ci = interval(R[-1][i], resampled) if resampled else None
         per_task[name] = {
             "score_after_learning": R[i][i],
             "final_score": R[-1][i],
@@ -135,6 +143,7 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "task_seconds": state["seconds"][name],
             "train_examples_per_second": m["train_examples_per_second"],
             "skipped_rows": sum(entry.meta.get("skipped_rows", {}).values()),
+            "final_test_ci": [ci.low, ci.high] if ci else None,
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
     return {
@@ -151,26 +160,30 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
         "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
         "per_task": per_task,
         "wall_seconds": sum(state["seconds"].values()),
+        "confidence": f"per-task final_test_ci: {LEVEL:.0%} percentile bootstrap over test examples, {RESAMPLES} resamples (bootstrap.json)",
     }
 
 
-def write_results(out: Path, stream: Stream, metrics: dict) -> None:
-    """accuracy_matrix.csv and metrics.json of a finished run."""
+def write_results(out: Path, state: dict, metrics: dict) -> None:
+    """accuracy_matrix.csv, bootstrap.json (the final scores' resamples) and metrics.json of a finished run."""
     names = metrics["tasks"]
     with open(out / "accuracy_matrix.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["after_task", *names])
         for name, row in zip(names, metrics["accuracy_matrix"]):
             writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
+    if "bootstrap" in state:
+        replace_json(out / BOOTSTRAP_FILE, {"resamples": RESAMPLES, "seed": SEED, "test_sets": state["test_sets"], "scores": state["bootstrap"]})
     replace_json(out / "metrics.json", metrics)
 
 
 def summary_table(metrics: dict) -> str:
-    """A plain-text table: task, score after learning it, final score, prompt tokens, time."""
-    lines = [f"{'task':<14}{'score':>8}{'final':>8}{'tokens':>8}{'time s':>9}"]
+    """A plain-text table: task, score after learning it, final score and its 95% CI, prompt tokens, time."""
+    lines = [f"{'task':<14}{'score':>8}{'final':>8}{'95% CI':>14}{'tokens':>8}{'time s':>9}"]
     for name, t in metrics["per_task"].items():
         after = "—" if t["score_after_learning"] is None else f"{t['score_after_learning']:.1f}"
-        lines.append(f"{name:<14}{after:>8}{t['final_score']:>8.1f}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
+        ci = "—" if t["final_test_ci"] is None else "{:.1f}–{:.1f}".format(*t["final_test_ci"])
+        lines.append(f"{name:<14}{after:>8}{t['final_score']:>8.1f}{ci:>14}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
     fgt = metrics["forgetting"]
     lines.append(f"average {metrics['average_score']:.1f}   forgetting {'—' if fgt is None else f'{fgt:.1f}'}   "
                  f"total {metrics['wall_seconds']:.0f} s")
