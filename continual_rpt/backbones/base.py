@@ -1,0 +1,135 @@
+"""What every backbone family shares: frozen weights, tokenizer, embedding table, fingerprint.
+
+A family says where the prompt enters, how a batch is scored, and what head a task gets. To add
+a family: subclass `Backbone`, set `family` to its name, implement `from_pretrained` (load the
+weights), `featurize` (tokenise examples once), `collate` (pad a batch into tensors), `loss`
+(training objective), `scores` (one score per option, for prediction), `new_head` (the per-task
+trainable head, or None) and `max_positions` (the longest sequence, prompt included); then add one
+row to `FAMILIES` in `continual_rpt/backbones/__init__.py` naming the model types it serves.
+The backbone's weights are frozen and never handed to an optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from continual_rpt.tasks import Example, Task
+
+ATTENTIONS = ("auto", "sdpa", "eager")
+_NOT_ORDINARY = re.compile(r"^\[.*\]$|^<.*>$")  # [unused12], [CLS], <extra_id_0>, </s>
+
+
+@dataclass
+class Features:
+    """One example, tokenised once: encoder `ids` hold one sequence per pair, seq2seq one source."""
+
+    ids: list[list[int]]
+    types: list[list[int]]
+    targets: list[list[int]]
+    label: int
+
+    @property
+    def length(self) -> int:
+        """Tokens this example costs in a forward pass, for length bucketing."""
+        return sum(len(s) for s in self.ids) + sum(len(t) for t in self.targets)
+
+
+class Backbone(ABC):
+    """Common part of every family: frozen weights, tokenizer, embedding table, fingerprint."""
+
+    family = ""
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: str, attention: str = "auto") -> None:
+        self.name = name
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.attention = attention
+
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, name: str, path: str, tokenizer, device: str, attention: str, pooling: str) -> Backbone:
+        """Load this family's weights from `path` (a local folder or hub id) and wrap them."""
+
+    @property
+    @abstractmethod
+    def max_positions(self) -> int:
+        """Longest sequence the backbone accepts, prompt included."""
+
+    @abstractmethod
+    def new_head(self, task: Task) -> nn.Module | None:
+        """A fresh trainable head for `task`, or None where the family needs none."""
+
+    @abstractmethod
+    def featurize(self, examples: list[Example], max_tokens: int) -> list[Features]:
+        """Tokenise every example once, each text truncated to `max_tokens` (prompt not included)."""
+
+    @abstractmethod
+    def collate(self, batch: list[Features]) -> dict[str, Tensor]:
+        """Pad a batch of features into tensors on the backbone's device."""
+
+    @abstractmethod
+    def loss(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
+        """The training loss of a collated batch, with `prompt` [n, d] inserted (or none)."""
+
+    @abstractmethod
+    def scores(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
+        """Scores [B, C] of every option of every example, -inf where an example has fewer."""
+
+    def use_attention_for(self, bf16: bool) -> None:
+        """Pick the attention kernel for this precision (only encoders switch; see EncoderBackbone)."""
+
+    @property
+    def width(self) -> int:
+        """Embedding width d."""
+        return self.embeddings.weight.shape[1]
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        """The input word-embedding table."""
+        return self.model.get_input_embeddings()
+
+    @cached_property
+    def vocab_ids(self) -> Tensor:
+        """Ids of ordinary tokens, the pool that vocabulary initialisation samples from."""
+        vocab = self.tokenizer.get_vocab()
+        special = set(self.tokenizer.all_special_ids)
+        ids = [i for t, i in vocab.items() if i not in special and not _NOT_ORDINARY.match(t)]
+        return torch.tensor(sorted(i for i in ids if i < self.embeddings.num_embeddings))
+
+    @cached_property
+    def embedding_norm(self) -> float:
+        """Mean L2 norm of the ordinary tokens' embeddings (the scale the prompt should live at)."""
+        return self.embeddings.weight[self.vocab_ids].norm(dim=1).mean().item()
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a text without special tokens (for text initialisation of a prompt)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over every weight's name, dtype, shape and bytes: identifies the frozen weights."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
+    """Right-pad `seqs` with `value` into [len(seqs), longest], plus the 0/1 mask of real tokens."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        out[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return out, mask

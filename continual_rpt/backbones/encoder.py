@@ -1,0 +1,108 @@
+"""Encoder family (BERT-style): the prompt goes in right after [CLS]; a small head per task reads
+the pooled output; choice tasks score every (context, choice) pair with a one-logit head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from continual_rpt.backbones.base import Backbone, Features, _pad
+from continual_rpt.tasks import Example, Task
+
+POOLINGS = ("cls", "mean")
+
+
+class EncoderBackbone(Backbone):
+    """BERT-style encoder: prompt after [CLS], pooled output into a per-task head."""
+
+    family = "encoder"
+
+    def __init__(self, name: str, model: nn.Module, tokenizer, device: str, attention: str, pooling: str) -> None:
+        super().__init__(name, model, tokenizer, device, attention)
+        self.pooling = pooling
+
+    @classmethod
+    def from_pretrained(cls, name: str, path: str, tokenizer, device: str, attention: str, pooling: str) -> EncoderBackbone:
+        """The bare encoder (no task head) with SDPA attention unless eager is asked for."""
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(path, attn_implementation="eager" if attention == "eager" else "sdpa")
+        return cls(name, model, tokenizer, device, attention, pooling)
+
+    def use_attention_for(self, bf16: bool) -> None:
+        """Under `auto`, the faster kernel: on a CPU, SDPA's bf16 backward is slow and eager is not (performance.md)."""
+        if self.attention == "auto":
+            fast = "eager" if bf16 and self.device.type == "cpu" else "sdpa"
+            if self.model.config._attn_implementation != fast:
+                self.model.set_attn_implementation(fast)
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position embeddings allow, prompt included."""
+        # RoBERTa-style embeddings number positions from padding_idx + 1: the slots below are never used.
+        padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
+        return self.model.config.max_position_embeddings - (0 if padding_idx is None else padding_idx + 1)
+
+    def new_head(self, task: Task) -> nn.Module:
+        """Linear over the pooled output: one logit per label, or one per (context, choice) pair."""
+        outputs = len(task.label_names) if task.kind == "classification" else 1
+        return nn.Linear(self.width, outputs).to(self.device)
+
+    def featurize(self, examples: list[Example], max_tokens: int) -> list[Features]:
+        """Tokenise every pair once, each truncated to `max_tokens` (prompt not included)."""
+        flat = [pair for ex in examples for pair in ex.pairs]
+        firsts = [a for a, _ in flat]
+        seconds = [b if b is not None else "" for _, b in flat]
+        has_second = any(b is not None for _, b in flat)
+        enc = self.tokenizer(
+            firsts, seconds if has_second else None, truncation=True, max_length=max_tokens, return_token_type_ids=True
+        )
+        features, start = [], 0
+        for ex in examples:
+            stop = start + len(ex.pairs)
+            ids, types = enc["input_ids"][start:stop], enc["token_type_ids"][start:stop]
+            features.append(Features(ids=ids, types=types, targets=[], label=ex.label))
+            start = stop
+        return features
+
+    def collate(self, batch: list[Features]) -> dict[str, Tensor]:
+        """Pad the flattened pairs; remember which example and slot each pair scores."""
+        input_ids, mask = _pad([ids for f in batch for ids in f.ids], 0)
+        token_types, _ = _pad([types for f in batch for types in f.types], 0)
+        rows = torch.tensor([i for i, f in enumerate(batch) for _ in f.ids])
+        slots = torch.tensor([j for f in batch for j in range(len(f.ids))])
+        out = {"input_ids": input_ids, "token_type_ids": token_types, "attention_mask": mask, "rows": rows, "slots": slots}
+        out["labels"] = torch.tensor([f.label for f in batch])
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def encode(self, prompt: Tensor | None, batch: dict[str, Tensor]) -> Tensor:
+        """Pooled output [S, d] for the S padded sequences, with the prompt after [CLS]."""
+        embeds = self.embeddings(batch["input_ids"])  # [S, T, d]
+        mask, types = batch["attention_mask"], batch["token_type_ids"]
+        if prompt is not None:
+            s, n = embeds.shape[0], prompt.shape[0]
+            p = prompt.to(embeds.dtype).unsqueeze(0).expand(s, -1, -1)  # [S, n, d]
+            embeds = torch.cat([embeds[:, :1], p, embeds[:, 1:]], dim=1)  # [S, 1 + n + T - 1, d]
+            mask = torch.cat([mask[:, :1], mask.new_ones(s, n), mask[:, 1:]], dim=1)
+            types = torch.cat([types[:, :1], types.new_zeros(s, n), types[:, 1:]], dim=1)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1)
+
+    def scores(self, prompt: Tensor | None, head: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Scores [B, C]: label logits, or choice logits with -inf where an example has fewer choices."""
+        logits = head(self.encode(prompt, batch)).float()  # [S, outputs]
+        if logits.shape[1] > 1:  # classification: one sequence per example
+            return logits
+        n_rows = int(batch["labels"].shape[0])
+        n_slots = int(batch["slots"].max()) + 1
+        packed = logits.new_full((n_rows, n_slots), float("-inf"))
+        packed[batch["rows"], batch["slots"]] = logits[:, 0]
+        return packed
+
+    def loss(self, prompt: Tensor | None, head: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy of the gold label or gold choice."""
+        return F.cross_entropy(self.scores(prompt, head, batch), batch["labels"])
