@@ -228,9 +228,12 @@ class PromptBank:
         raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
 
     def _remove_leftovers(self) -> None:
-        """Temporary folders and index files of writers that were killed (call with the lock held)."""
+        """Temporary files and unlisted entry folders of writers that were killed (call with the lock held)."""
+        listed = set(self.tasks())
         for path in self.path.iterdir():
-            if path.name.startswith(".") and path.name != LOCK_FILE:
+            hidden = path.name.startswith(".") and path.name != LOCK_FILE
+            unlisted = path.is_dir() and not path.name.startswith(".") and path.name not in listed
+            if hidden or unlisted:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def add(self, name: str, entry: Entry) -> None:
@@ -242,8 +245,6 @@ class PromptBank:
                 raise BankError(f"{self.path}: already has an entry for {name!r}; entries are never overwritten")
             self._remove_leftovers()
             folder = self.path / name
-            if folder.exists():  # left over by a writer killed before it updated the index
-                shutil.rmtree(folder)
             checksums = entry.save_pretrained(folder)
             index = {**self._index, "entries": [*self._index["entries"], {"name": name, "files": checksums}]}
             replace_json(self.path / INDEX_FILE, index)

@@ -7,7 +7,7 @@ Points the library marks:
     bank.entry-renamed    after the entry folder is renamed into place, before the index lists it
     replace:<file>        after the temporary copy of <file> is fsynced, before it is renamed over <file>
                           (bank.json, state.json, metrics.json, checkpoints)
-    train.step            after each optimizer step
+    train.step            after each applied optimizer step (a dropped, non-finite step is not counted)
     run.task-done         after a task's row of the accuracy matrix is saved
 """
 

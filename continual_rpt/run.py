@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from continual_rpt.atomic import replace_json
+from continual_rpt.atomic import replace_file, replace_json
 from continual_rpt.bank import PromptBank
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
@@ -56,8 +56,11 @@ def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
                            f"(differs in: {', '.join(differing)}); resume with the same stream and options")
         state_path = out / STATE_FILE
         return json.loads(state_path.read_text()) if state_path.is_file() else {"rows": [], "seconds": {}}
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"{out} exists and is not a run folder; choose another --out")
+    if out.exists():
+        for leftover in out.glob(f".{STREAM_FILE}.tmp"):  # a run killed while writing its first file
+            leftover.unlink()
+        if any(out.iterdir()):
+            raise RunError(f"{out} exists and is not a run folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     replace_json(stored_path, config)
     return {"rows": [], "seconds": {}}
@@ -167,11 +170,15 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
 def write_results(out: Path, state: dict, metrics: dict) -> None:
     """accuracy_matrix.csv, bootstrap.json (the final scores' resamples) and metrics.json of a finished run."""
     names = metrics["tasks"]
-    with open(out / "accuracy_matrix.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["after_task", *names])
-        for name, row in zip(names, metrics["accuracy_matrix"]):
-            writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
+
+    def write_matrix(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["after_task", *names])
+            for name, row in zip(names, metrics["accuracy_matrix"]):
+                writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
+
+    replace_file(out / "accuracy_matrix.csv", write_matrix)
     if "bootstrap" in state:
         replace_json(out / BOOTSTRAP_FILE, {"resamples": RESAMPLES, "seed": SEED, "test_sets": state["test_sets"], "scores": state["bootstrap"]})
     replace_json(out / "metrics.json", metrics)

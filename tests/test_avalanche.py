@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from crash import RUN_LIVES, hidden, zygote_fixture
 from test_stream import write_stream
 
 from continual_rpt.bank import PromptBank
@@ -184,28 +183,40 @@ def test_resume_rebuilds_the_strategys_memory(tmp_path, tiny_bert_dir, superglue
     assert torch.equal(resumed.prompt.collapse(), uninterrupted.prompt.collapse())
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_bert_dir, superglue_dir):
-    # WiC trains long enough to be killed in the middle of it, after COPA and RTE are finished.
-    tasks = ["COPA", "RTE", {"task": "WiC", "data": {"max_train": 96}, "train": {"epochs": 60}}]
-    path = write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks)
+zygote = zygote_fixture(RUN_LIVES + "import continual_rpt.strategies.avalanche\n")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_replay(tmp_path_factory, tiny_bert_dir, superglue_dir):
+    """The stream file of TASKS, and its replay run's folder and metrics when nothing interrupts it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    path = write_stream(root, tiny_bert_dir, superglue_dir, TASKS)
+    return path, root / "fresh", run_stream(with_method(load_stream(path), "replay"), root / "fresh", progress=False)
+
+
+# Kill points while learning WiC, the third task (Avalanche's loop passes no train.step), and while the
+# bank is filled at the end; with the rows of the accuracy matrix saved when the run dies.
+AVALANCHE_KILLS = {
+    "replace:after-WiC.safetensors": 2,  # WiC trained, its state after the task not yet saved
+    "replace:avalanche.safetensors@3": 2,  # WiC's state saved, the checkpoint still the one after RTE
+    "replace:state.json@3": 2,  # the checkpoint holds WiC, its row not yet saved
+    "bank.entry:head.safetensors@2": 3,  # storing RTE's entry, once every task is learned
+}
+
+
+@pytest.mark.parametrize("point", list(AVALANCHE_KILLS))
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, zygote, uninterrupted_replay, point):
+    path, fresh_dir, fresh = uninterrupted_replay
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "continual_rpt", "run", str(path), "--out", str(out), "--method", "replay",
-                             "--no-progress"], env=env)
-    state, deadline = out / "state.json", time.time() + 300
-    while not (state.exists() and len(json.loads(state.read_text())["rows"]) == 2):
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be interrupted"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(json.loads(state.read_text())["rows"]) == 2
-    assert main(["run", str(path), "--out", str(out), "--method", "replay", "--resume", "--no-progress"]) == 0
+    argv = ["run", str(path), "--out", str(out), "--method", "replay", "--no-progress"]
+    zygote.killed_run(point, *argv)
+    assert len(json.loads((out / "state.json").read_text())["rows"]) == AVALANCHE_KILLS[point]
+    assert main([*argv, "--resume"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
-    fresh = run_stream(with_method(load_stream(path), "replay"), tmp_path / "fresh", progress=False)
     assert resumed["accuracy_matrix"] == fresh["accuracy_matrix"]
-    final = [PromptBank.open(folder / "bank").get("WiC").prompt for folder in (out, tmp_path / "fresh")]
+    final = [PromptBank.open(folder / "bank").get("WiC").prompt for folder in (out, fresh_dir)]
     assert torch.equal(*final)
+    assert hidden(out) == []  # every temporary copy the kill left was replaced or removed
 
 
 def test_only_avalanche_strategies_import_avalanche(tmp_path):

@@ -1,29 +1,23 @@
 """Reliability: crash safety of the bank and of runs, clean refusal of bad input, no code from disk, divergence.
 
 Every test here drives the real library (real files, real subprocesses, real SIGKILLs); nothing is mocked.
+The crash tests kill at named points of the library (`CRPT_KILL_AT`, continual_rpt/faults.py), never on a timer.
 """
 
 import json
-import os
 import pickle
-import queue
-import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import threading
 import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, zygote_fixture
 from test_stream import write_stream
 
-from continual_rpt.bank import ENTRY_FILES, BankError, Entry, PromptBank
+from continual_rpt.bank import CONFIG_FILE, ENTRY_FILES, HEAD_FILE, META_FILE, METRICS_FILE, PROMPT_FILE, BankError, Entry, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
@@ -31,105 +25,47 @@ from continual_rpt.run import run_stream
 from continual_rpt.streams import load_stream
 from continual_rpt.tasks import load_task_data
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def snapshot(folder: Path, skip=("log.txt",)) -> dict[str, bytes]:
-    """Every file under `folder` (hidden ones included) by relative path, with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
-
-
 # --- 1. crash-safe bank ------------------------------------------------------------------------------
 
-# A zygote: imports torch and the bank once, then forks a fresh writer process per "life", so that
-# 15 SIGKILLed writers cost milliseconds each instead of an interpreter start each. Every writer is a
-# separate process that opens the bank itself and is killed by the test with a real SIGKILL.
-WRITER = textwrap.dedent(
-    """
-    import os, sys, time, traceback, zlib
-    import torch
-    from continual_rpt.bank import Entry, PromptBank
+# A writer "life" is a process forked from the zygote (crash.Zygote) that opens the bank itself and
+# adds <prefix>-0, <prefix>-1, … until its kill point SIGKILLs it: milliseconds a life, not an
+# interpreter start. `say` (the zygote's) reports to the test.
+BANK_LIVES = """
+import time, zlib
+import torch
+from continual_rpt.bank import Entry, PromptBank
 
-    BANK = sys.argv[1]
+def make(name):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    prompt = torch.randn(10, 32, generator=g)
+    head = {"weight": torch.randn(3, 32, generator=g), "bias": torch.randn(3, generator=g)}
+    meta = {"name": name, "task": "CB", "backbone": {"name": "fake", "width": 32, "fingerprint": "0" * 64}}
+    return Entry(prompt, head, meta, {"train": {"lr": 0.3, "name": name}}, {"dev_score": 50.0, "name": name})
 
-    def say(*words):  # one write(2) per line: atomic on a pipe, so parent and children never interleave
-        os.write(1, (" ".join(map(str, words)) + "\\n").encode())
+def life(bank, prefix, count, start_at="0"):
+    bank = PromptBank.open(bank, create=True)
+    say("opened")
+    while time.time() < float(start_at):  # writers forked together start adding together
+        time.sleep(0.001)
+    for i in range(int(count)):
+        name = f"{prefix}-{i}"
+        bank.add(name, make(name))
+        say("done", name)
+"""
 
-    def make(name):
-        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        prompt = torch.randn(10, 32, generator=g)
-        head = {"weight": torch.randn(3, 32, generator=g), "bias": torch.randn(3, generator=g)}
-        meta = {"name": name, "task": "CB", "backbone": {"name": "fake", "width": 32, "fingerprint": "0" * 64}}
-        return Entry(prompt, head, meta, {"train": {"lr": 0.3, "name": name}}, {"dev_score": 50.0, "name": name})
+zygote = zygote_fixture(RUN_LIVES + BANK_LIVES)
 
-    def life(prefix, count, start_at):
-        try:
-            bank = PromptBank.open(BANK, create=True)
-            say("opened")
-            while time.time() < start_at:
-                time.sleep(0.001)
-            for i in range(count):
-                name = f"{prefix}-{i}"
-                bank.add(name, make(name))
-                say("done", name)
-            os._exit(0)
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        prefixes, count = cmd[1:-1], int(cmd[-1])
-        start_at = time.time() + (0.2 if len(prefixes) > 1 else 0.05)  # two writers start together
-        pids = []
-        for prefix in prefixes:
-            pid = os.fork()
-            if pid == 0:
-                life(prefix, count, start_at)
-            pids.append(pid)
-        say("child", *pids)
-        for pid in pids:
-            _, status = os.waitpid(pid, 0)
-            say("reaped", pid, os.waitstatus_to_exitcode(status))
-        say("idle")
-    """
-)
-
-
-class Writer:
-    """The zygote process and a thread that queues its stdout lines."""
-
-    def __init__(self, tmp_path: Path, bank: Path) -> None:
-        script = tmp_path / "writer.py"
-        script.write_text(WRITER)
-        self.proc = subprocess.Popen([sys.executable, str(script), str(bank)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=ENV, cwd=Path(__file__).resolve().parents[1])
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [self.lines.put(line.split()) for line in self.proc.stdout], daemon=True).start()
-
-    def send(self, *words) -> None:
-        self.proc.stdin.write(" ".join(map(str, words)) + "\n")
-        self.proc.stdin.flush()
-
-    def until(self, first: str, seen: list) -> list[str]:
-        """Collect lines into `seen` until one starts with `first`; return that one."""
-        deadline = time.time() + 60
-        while True:
-            try:
-                words = self.lines.get(timeout=1)
-            except queue.Empty:
-                assert self.proc.poll() is None, f"the writer process ended; last lines {seen[-5:]}"
-                assert time.time() < deadline, f"writer said nothing for 60 s; last lines {seen[-5:]}"
-                continue
-            seen.append(words)
-            if words and words[0] == first:
-                return words
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+ENTRY_ORDER = [PROMPT_FILE, HEAD_FILE, META_FILE, CONFIG_FILE, METRICS_FILE]  # the order an entry's files are written in
+# Life i adds w<i>-0, w<i>-1, … and dies at its kill point after finishing that many adds. Together the
+# lives die at every write of an add, and while creating the bank.
+BANK_KILLS = [
+    ("replace:bank.json", 0),  # creating the bank: not even its empty index is in place
+    *[(f"bank.entry:{name}@{k}", k - 1) for name, k in zip(ENTRY_ORDER, (1, 2, 3, 1, 2))],  # after each file of an entry
+    ("bank.entry-renamed", 0),  # the entry in place, not yet in the index
+    ("bank.entry-renamed@2", 1),
+    ("replace:bank.json@3", 2),  # the new index fsynced, not yet renamed over the old one
+    ("replace:bank.json", 0),
+]
 
 
 def expected_prompt(name: str) -> torch.Tensor:
@@ -154,98 +90,95 @@ def check_bank(path: Path, finished: set[str], before: list[str]) -> list[str]:
     return names
 
 
-def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path):
+def check_leftovers(path: Path, point: str, partial: str) -> None:
+    """What a writer killed at `point` while adding `partial` leaves, and nothing else: the next writer removed the rest."""
+    leftovers = hidden(path)
+    if point.startswith("bank.entry:"):  # a temporary folder holding the files written so far
+        written = point.partition(":")[2].partition("@")[0]
+        assert len(leftovers) == 1 and leftovers[0].startswith(f".{partial}."), leftovers
+        assert {p.name for p in (path / leftovers[0]).iterdir()} == set(ENTRY_ORDER[: ENTRY_ORDER.index(written) + 1])
+        assert not (path / partial).exists()
+        return
+    # Killed after the rename: the complete entry is in place but unlisted, so nobody reads it.
+    assert leftovers == ([".bank.json.tmp"] if point.startswith("replace:") else []), leftovers
+    assert partial not in PromptBank.open(path)
+    assert torch.equal(Entry.from_pretrained(path / partial).prompt, expected_prompt(partial))
+
+
+def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path, zygote):
     path = tmp_path / "bank"
-    writer = Writer(tmp_path, path)
-    rng = random.Random(20240611)
     finished: set[str] = set()
     names: list[str] = []
-    opened = False
-    lives_that_added = 0
-    try:
-        for life in range(15):
-            seen: list = []
-            writer.send("life", f"w{life}", 100000)
-            pid = int(writer.until("child", seen)[1])
-            time.sleep(0.05 + rng.uniform(0.0, 0.3))  # the writer starts adding 0.05 s after the fork
-            os.kill(pid, signal.SIGKILL)
-            reaped = writer.until("reaped", seen)
-            assert reaped[2] == str(-signal.SIGKILL), f"writer died on its own: {seen}"
-            writer.until("idle", seen)
-            opened |= ["opened"] in seen
-            done = {words[1] for words in seen if words[0] == "done"}
-            finished |= done
-            lives_that_added += bool(done)
-            if opened:
-                names = check_bank(path, finished, names)
-        assert lives_that_added >= 5 and len(finished) >= 15, "the writers were killed before they could add entries"
-        leftovers = [p.name for p in path.iterdir() if p.name.startswith(".") and p.name not in (".lock",)]
-        print(f"{len(names)} entries after 15 kills; left-over temporary files: {leftovers}")
+    stored: dict[str, dict[str, bytes]] = {}  # entry -> its files when first listed
+    for life, (point, adds) in enumerate(BANK_KILLS):
+        code, seen = zygote.life(point, "life", path, f"w{life}", 4)
+        assert code == SIGKILLED, f"writer not killed at {point}: {seen}"
+        done = [words[1] for words in seen if words[0] == "done"]
+        assert done == [f"w{life}-{i}" for i in range(adds)], f"{point}: {seen}"
+        finished |= set(done)
+        if life == 0:  # killed creating the bank: there is none yet, and the next writer makes it
+            assert ["opened"] not in seen and hidden(path) == [".bank.json.tmp"]
+            with pytest.raises(BankError, match="not a prompt bank"):
+                PromptBank.open(path)
+            continue
+        before = names
+        names = check_bank(path, finished, names)
+        assert names == [*before, *done]  # exactly the finished adds, nothing partial
+        check_leftovers(path, point, f"w{life}-{adds}")
+        for name in names:
+            files = snapshot(path / name)
+            assert stored.setdefault(name, files) == files, f"{name}'s files changed after a later writer"
+    assert len(finished) == sum(adds for _, adds in BANK_KILLS) and len(names) == len(finished)
+    code, seen = zygote.life(None, "life", path, "last", 1)  # an unkilled writer cleans up after all of them
+    assert code == 0, seen
+    assert check_bank(path, finished, names) == [*names, "last-0"] and hidden(path) == []
+    folders = {p.name for p in path.iterdir() if p.is_dir()}
+    assert folders == set(names) | {"last-0"}, f"unlisted entry folders left by killed writers: {folders - set(names)}"
+    print(f"{len(names)} entries after {len(BANK_KILLS)} kills")
 
-        # Two writers at the same time, each adding its own names: the lock keeps every entry of both.
-        path2 = tmp_path / "bank2"
-        writer.close()
-        writer = Writer(tmp_path, path2)
-        seen = []
-        writer.send("pair", "a", "b", 12)
-        writer.until("idle", seen)
-        assert [w for w in seen if w[0] == "reaped"] and all(w[2] == "0" for w in seen if w[0] == "reaped"), seen
-        both = {f"{p}-{i}" for p in "ab" for i in range(12)}
-        listed = check_bank(path2, both, [])
-        assert set(listed) == both
-        for prefix in "ab":  # each writer's entries keep its order
-            mine = [n for n in listed if n.startswith(prefix + "-")]
-            assert mine == [f"{prefix}-{i}" for i in range(12)]
-    finally:
-        writer.proc.kill()
-        writer.proc.wait()
+    # Two writers at the same time, each adding its own names: the lock keeps every entry of both.
+    path2 = tmp_path / "bank2"
+    seen = []
+    start_at = time.time() + 0.3  # both are forked and open the bank by then
+    zygote.send(None, ("life", [path2, "a", 12, start_at]), ("life", [path2, "b", 12, start_at]))
+    zygote.until("idle", seen)
+    assert [w for w in seen if w[0] == "reaped"] and all(w[2] == "0" for w in seen if w[0] == "reaped"), seen
+    both = {f"{p}-{i}" for p in "ab" for i in range(12)}
+    listed = check_bank(path2, both, [])
+    assert set(listed) == both
+    for prefix in "ab":  # each writer's entries keep its order
+        mine = [n for n in listed if n.startswith(prefix + "-")]
+        assert mine == [f"{prefix}-{i}" for i in range(12)]
 
 
 # --- 2. runs survive crashes ----------------------------------------------------------------------
 
-
-def _learn_lines(log: Path) -> int:
-    return sum(" learn " in line for line in log.read_text().splitlines()) if log.exists() else 0
+RUN_TASKS = ["CB", "COPA", {"task": "RTE", "train": {"epochs": 2, "patience": 0}, "data": {"max_train": 32}}]  # 2 + 2 + 8 steps
 
 
-def test_run_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, tiny_bert_dir, superglue_dir):
-    tasks = ["CB", "COPA", {"task": "RTE", "train": {"epochs": 20, "patience": 0}, "data": {"max_train": 64}}]
-    stream = write_stream(tmp_path, tiny_bert_dir, superglue_dir, tasks)
-    fresh = run_stream(load_stream(stream), tmp_path / "fresh", progress=False)
-    learning = sum(t["task_seconds"] for t in fresh["per_task"].values())  # learning and evaluating, no loading
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_bert_dir, superglue_dir):
+    """The stream file of RUN_TASKS, and its run folder and metrics when nothing interrupts it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    stream = write_stream(root, tiny_bert_dir, superglue_dir, RUN_TASKS)
+    return stream, root / "fresh", run_stream(load_stream(stream), root / "fresh", progress=False)
 
-    out, log = tmp_path / "run", tmp_path / "run" / "log.txt"
-    command = [sys.executable, "-m", "continual_rpt", "run", str(stream), "--out", str(out), "--no-progress"]
-    rng = random.Random(7)
-    stored: dict[str, dict[str, bytes]] = {}  # entry -> its files when first seen finished
-    kills = 0
-    for life in range(3):
-        learned = _learn_lines(log)
-        proc = subprocess.Popen(command + (["--resume"] if life else []), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while _learn_lines(log) == learned and proc.poll() is None:  # wait until this life starts learning
-            assert time.time() < deadline
-            time.sleep(0.02)
-        # Within a third of the uninterrupted learning time, so the run is still learning even when this
-        # process happens to run up to 3x faster than the measured one (a busy machine varies that much).
-        delay = rng.uniform(0.0, learning / 3)
-        time.sleep(delay)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        print(f"kill {kills}: {delay:.2f} s into learning; last log line: {log.read_text().splitlines()[-1]}")
-        bank = PromptBank.open(out / "bank")
-        for name in bank.tasks():
-            bank.get(name)
-            files = snapshot(out / "bank" / name)
-            assert stored.setdefault(name, files) == files, f"{name}'s stored files changed after a resume"
-    assert kills >= 2, "the run finished before it could be interrupted"
 
-    done = subprocess.run(command + ["--resume"], env=ENV, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+def check_killed_run(out: Path, stored: dict[str, dict[str, bytes]], tasks: list[str], rows: int) -> None:
+    """After a kill: the bank opens with exactly `tasks`, each verifies and is byte-identical to when first seen."""
+    bank = PromptBank.open(out / "bank")
+    assert bank.tasks() == tasks
+    for name in bank.tasks():
+        bank.get(name)
+        files = snapshot(out / "bank" / name)
+        assert stored.setdefault(name, files) == files, f"{name}'s stored files changed after a resume"
+    assert len(json.loads((out / "state.json").read_text())["rows"]) == rows
+    assert not (out / "metrics.json").exists()
+
+
+def check_resumed(out: Path, uninterrupted, stored: dict[str, dict[str, bytes]]) -> None:
+    """A resumed run: the uninterrupted run's results, stored entries untouched, no temporary file left."""
+    _, fresh_dir, fresh = uninterrupted
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["accuracy_matrix"] == fresh["accuracy_matrix"]
     bank = PromptBank.open(out / "bank")
@@ -253,7 +186,59 @@ def test_run_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, ti
     for name, files in stored.items():
         assert snapshot(out / "bank" / name) == files, f"{name}'s stored files changed after a resume"
     for name in bank.tasks():  # same prompts as the uninterrupted run
-        assert torch.equal(bank.get(name).prompt, PromptBank.open(tmp_path / "fresh" / "bank").get(name).prompt)
+        assert torch.equal(bank.get(name).prompt, PromptBank.open(fresh_dir / "bank").get(name).prompt)
+    assert hidden(out) == []  # the resumed run replaced or removed every temporary copy the kills left
+
+
+# One life per kill point: (the bank's tasks, state.json's rows) when it dies. CB trains 2 steps, COPA 2.
+RUN_KILLS = {
+    "train.step@3": (["CB"], 1),  # in the middle of COPA's training
+    "bank.entry:head.safetensors@2": (["CB"], 1),  # writing COPA's entry
+    "bank.entry-renamed@2": (["CB"], 1),  # COPA's entry in place, not in the index
+    "replace:bank.json@3": (["CB"], 1),  # COPA's index update (@1 created the bank, @2 listed CB)
+    "replace:state.json@2": (["CB", "COPA"], 1),  # COPA stored, its row of the accuracy matrix not saved
+    "run.task-done@2": (["CB", "COPA"], 2),  # COPA's row saved, RTE not started
+    "replace:metrics.json": (["CB", "COPA", "RTE"], 3),  # all learned, the final metrics not written
+}
+
+
+@pytest.mark.parametrize("point", list(RUN_KILLS))
+def test_run_killed_at_each_write_resumes_to_the_uninterrupted_result(tmp_path, zygote, uninterrupted, point):
+    out = tmp_path / "run"
+    argv = ["run", uninterrupted[0], "--out", out, "--no-progress"]
+    zygote.killed_run(point, *argv)
+    stored: dict[str, dict[str, bytes]] = {}
+    check_killed_run(out, stored, *RUN_KILLS[point])
+    assert zygote.run(None, *argv, "--resume") == 0
+    check_resumed(out, uninterrupted, stored)
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"]])
+def test_run_killed_writing_its_first_file_starts_again(tmp_path, zygote, uninterrupted, again):
+    out = tmp_path / "run"
+    argv = ["run", uninterrupted[0], "--out", out, "--no-progress"]
+    zygote.killed_run("replace:stream.json", *argv)
+    assert hidden(out) == [".stream.json.tmp"] and not (out / "stream.json").exists()
+    assert zygote.run(None, *argv, *again) == 0  # nothing was run: a plain start and --resume both begin afresh
+    check_resumed(out, uninterrupted, {})
+
+
+def test_run_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, zygote, uninterrupted):
+    out = tmp_path / "run"
+    argv = ["run", uninterrupted[0], "--out", out, "--no-progress"]
+    stored: dict[str, dict[str, bytes]] = {}  # entry -> its files when first seen finished
+    lives = [  # each resumed life starts with the first unfinished task and dies later in the stream
+        ("train.step@3", ["CB"], 1),  # COPA's first step
+        ("bank.entry-renamed", ["CB"], 1),  # COPA trained again and renamed into place, not in the index
+        ("train.step@4", ["CB", "COPA"], 2),  # COPA trained a third time (2 steps), then RTE's second step
+    ]
+    for life, (point, tasks, rows) in enumerate(lives):
+        zygote.killed_run(point, *argv, *(["--resume"] if life else []))
+        check_killed_run(out, stored, tasks, rows)
+        log = (out / "log.txt").read_text()
+        assert log.count(" learn ") == [2, 3, 5][life] and log.count("resume stream") == life
+    assert zygote.run(None, *argv, "--resume") == 0
+    check_resumed(out, uninterrupted, stored)
 
 
 # --- 3. bad input through the CLI -------------------------------------------------------------------

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from continual_rpt.backbones import EMBEDDED, load_backbone
+from continual_rpt.bank import Entry
 from continual_rpt.cli import main
 from continual_rpt.evaluation import length_batches, predict
-from continual_rpt.learner import TrainConfig, build_prompt, train_task
+from continual_rpt.learner import TrainConfig, build_prompt, make_optimizer, train_step, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.tasks import load_task_data
 
@@ -25,16 +26,37 @@ def snapshot(backbone):
 
 
 @pytest.mark.parametrize("task", ["CB", "COPA"])
-def test_collapsed_prompt_gives_the_same_outputs(tiny_bert, superglue_dir, task):
+def test_entry_reloaded_from_disk_answers_as_the_trained_prompt_and_phi(tiny_bert, superglue_dir, tmp_path, task):
     data = small(load_task_data(task, superglue_dir))
+    before = snapshot(tiny_bert)
     prompt = build_prompt(tiny_bert, PromptConfig(n_tokens=4, bottleneck=16, dropout=0.3), seed=0)
     head = tiny_bert.new_head(data.task)
+    trainable = {**{f"prompt.{k}": p for k, p in prompt.named_parameters()}, **{f"head.{k}": p for k, p in head.named_parameters()}}
+    initial = {k: p.detach().clone() for k, p in trainable.items()}
+    optimizer = make_optimizer(prompt, [head], FAST)
+    features = tiny_bert.featurize(data.train, 60)
+    for start in range(0, len(features), 8):  # real steps: P, Φ (with dropout) and the head move
+        applied, loss = train_step(tiny_bert, prompt, head, features[start:start + 8], optimizer, bf16=False)
+        assert applied and loss is not None
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())  # only P, Φ and the head
+        assert all(p.grad is None and not p.requires_grad for p in tiny_bert.model.parameters())
+    assert all(not torch.equal(initial[k], p) for k, p in trainable.items()), "a trainable tensor did not move"
+    after = tiny_bert.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
+
+    Entry(prompt.collapse(), head.state_dict(), {"task": task}, {}, {}).save_pretrained(tmp_path / task)
+    stored = Entry.from_pretrained(tmp_path / task)
+    stored_head = tiny_bert.new_head(data.task)
+    stored_head.load_state_dict(stored.head)
     batch = tiny_bert.collate(tiny_bert.featurize(data.dev, 60))
     prompt.eval()
+    head.eval()
     with torch.no_grad():
-        live = tiny_bert.scores(prompt(), head, batch)
-        collapsed = tiny_bert.scores(prompt.collapse(), head, batch)
-    assert torch.equal(live, collapsed)
+        live = tiny_bert.scores(prompt(), head, batch)  # the trained (P, Φ), dropout off
+        from_disk = tiny_bert.scores(stored.prompt, stored_head, batch)  # P′ as the bank stores it
+        p_alone = tiny_bert.scores(prompt.prompt, head, batch)  # what a collapse that skipped Φ would store
+    assert torch.equal(live, from_disk)
+    assert (live - p_alone).abs().max() > 1e-3, "Φ changes nothing, so this test could not tell P′ from P"
 
 
 def test_training_touches_only_prompt_phi_and_head(tiny_bert, superglue_dir):
