@@ -152,6 +152,10 @@ class Entry:
         if stored["fingerprint"] != backbone.fingerprint:
             raise BankError(f"{where}: entry was trained on backbone {stored.get('name')!r} with other weights "
                             f"(fingerprint {stored['fingerprint'][:12]}…, this one {backbone.fingerprint[:12]}…)")
+        pooling = stored.get("pooling")  # recorded since pooling: auto; the head reads this pooled output
+        if pooling is not None and pooling != getattr(backbone, "pooling", None):
+            raise BankError(f"{where}: entry's head reads {pooling}-pooled outputs, backbone {backbone.name!r} pools by "
+                            f"{getattr(backbone, 'pooling', None)}; load it with pooling {pooling}")
         prompt = self.prompt
         if prompt is not None and (prompt.dim() != 2 or prompt.shape[1] != backbone.width):
             raise BankError(f"{where}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width})")

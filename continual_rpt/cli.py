@@ -12,20 +12,22 @@ from continual_rpt import __version__
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One --option per dataclass field, typed and documented from the field."""
+    """One --option per dataclass field, typed and documented from the field; an option not given stays None."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        text = f"{f.metadata.get('help')} (default: {f.default!r}, or the backbone's recipe)"
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata.get("help"))
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f.metadata.get("help"), metavar=f.name.upper())
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=text, metavar=f.name.upper())
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace):
-    """Build `cls` from the parsed options that belong to it."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: dict | None = None):
+    """Build `cls` from the options given, on top of `base` (a recipe section) and the dataclass defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    return cls(**{**(base or {}), **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--method", choices=list(STRATEGY_METHODS), help="run this method on every task (a prompt method, a strategy, or an Avalanche baseline)")
     run.add_argument("--seed", type=int, help="override every task's seed")
-    run.add_argument("--data-dir", help="override every task's SuperGLUE data folder")
+    run.add_argument("--data-dir", help="override every task's data folder (SuperGLUE files, or the CL benchmark layout)")
     run.add_argument("--backbone", help="override the stream's backbone (hub id or folder)")
     run.add_argument("--device", help="override the torch device, e.g. cuda")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
@@ -87,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from continual_rpt.backbones import BackboneConfig
     from continual_rpt.learner import TrainConfig, train_task
     from continual_rpt.prompts import PromptConfig
+    from continual_rpt.recipes import recipe_for
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
     from continual_rpt.strategies.base import entry_for
     from continual_rpt.streams import DataConfig, TaskSpec, load_data
@@ -98,9 +101,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method!r} learns a stream of tasks: use crpt run STREAM --method {args.method}; "
                          f"crpt train takes {', '.join(SINGLE_TASK_METHODS)}")
     task = get_task(args.task).name
-    spec = TaskSpec(task, task, None, dataclass_from_args(DataConfig, args), dataclass_from_args(PromptConfig, args),
-                    dataclass_from_args(TrainConfig, args))
     backbone_cfg = dataclass_from_args(BackboneConfig, args)
+    recipe = recipe_for(backbone_cfg.backbone)
+    spec = TaskSpec(task, task, None, dataclass_from_args(DataConfig, args, recipe.get("data")),
+                    dataclass_from_args(PromptConfig, args, recipe.get("prompt")), dataclass_from_args(TrainConfig, args, recipe.get("train")))
     data = load_data(spec, Path.cwd())
     backbone = backbone_cfg.load()
     rank, _ = distributed.setup()
@@ -122,16 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from continual_rpt.strategies import with_method
     from continual_rpt.streams import load_stream
 
-    stream = load_stream(args.stream)
+    stream = load_stream(args.stream, args.data_dir, args.backbone)
     if args.method:
         stream = with_method(stream, args.method)
     for spec in stream.tasks:
         if args.seed is not None:
             spec.train = dataclasses.replace(spec.train, seed=args.seed)
-        if args.data_dir:
-            spec.data = dataclasses.replace(spec.data, data_dir=args.data_dir)
-    if args.backbone:
-        stream.backbone = dataclasses.replace(stream.backbone, backbone=args.backbone)
     if args.device:
         stream.backbone = dataclasses.replace(stream.backbone, device=args.device)
     try:
@@ -174,7 +174,9 @@ def predict_file(bank, args: argparse.Namespace) -> int:
     entry = bank.get(args.task)
     task = task_from_meta(entry.meta, args.bank / args.task)
     examples = read_examples(entry.meta, args.input)
-    backbone = load_backbone(args.backbone or entry.meta["backbone"]["name"], entry.config.get("backbone", {}).get("pooling", "cls"), args.device)
+    # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
+    pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
+    backbone = load_backbone(args.backbone or entry.meta["backbone"]["name"], pooling, args.device)
     predictions = predict_from_bank(bank, args.task, examples, backbone)
     out = open(args.output, "w") if args.output else sys.stdout
     try:

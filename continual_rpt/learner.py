@@ -25,14 +25,20 @@ from continual_rpt.prompts import PromptConfig, ResidualPrompt, initial_prompt
 from continual_rpt.tasks import TaskData
 
 
+DECAYS = ("none", "linear")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and evaluation settings for one task."""
 
     epochs: int = field(default=10, metadata={"help": "passes over the training split at most"})
     batch_size: int = field(default=16, metadata={"help": "training examples per step"})
-    lr: float = field(default=0.3, metadata={"help": "learning rate of P and Φ (the paper's 0.3)"})
+    lr: float = field(default=0.3, metadata={"help": "learning rate of P (and of Φ unless phi_lr is set; the paper's 0.3 for both)"})
+    phi_lr: float = field(default=0.0, metadata={"help": "learning rate of Φ's weights (0: lr)"})
     head_lr: float = field(default=1e-3, metadata={"help": "learning rate of the task head (encoder backbones)"})
+    warmup: float = field(default=0.0, metadata={"help": "fraction of the steps over which the learning rates rise linearly from 0"})
+    decay: str = field(default="none", metadata={"help": "after warm-up: none (constant) or linear (to 0 at the last step)"})
     weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay of P and Φ"})
     max_length: int = field(default=256, metadata={"help": "tokens per sequence, prompt included"})
     eval_every: int = field(default=0, metadata={"help": "evaluate dev every this many steps (0: once per epoch)"})
@@ -48,11 +54,15 @@ class TrainConfig:
         for name in ("eval_every", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "head_lr", "weight_decay"):
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup: must be a fraction in [0, 1), got {self.warmup}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay: {self.decay!r} is not one of {', '.join(DECAYS)}")
+        for name in ("lr", "phi_lr", "head_lr", "weight_decay"):
             value = getattr(self, name)
             # Past ~1e30 AdamW's own fp32 arithmetic overflows before any loss can be checked.
-            if not (math.isfinite(value) and 0 <= value <= 1e30) or (name != "weight_decay" and value == 0):
-                low = "[0" if name == "weight_decay" else "(0"
+            if not (math.isfinite(value) and 0 <= value <= 1e30) or (name in ("lr", "head_lr") and value == 0):
+                low = "(0" if name in ("lr", "head_lr") else "[0"
                 raise ValueError(f"{name}: must be a finite number in {low}, 1e30], got {value}")
 
 
@@ -109,14 +119,31 @@ def train_joint(
 
 
 def make_optimizer(prompt: ResidualPrompt | None, heads: list[nn.Module | None], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over P and Φ (lr, weight decay) and the heads (head_lr, no weight decay); the backbone is never in it."""
+    """AdamW over P (lr), Φ (phi_lr or lr; both with weight decay) and the heads (head_lr, no weight decay); never the backbone."""
     groups = []
     if prompt is not None:
-        groups.append({"params": list(prompt.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        groups.append({"params": [prompt.prompt], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        phi = [p for p in prompt.parameters() if p is not prompt.prompt]
+        if phi:
+            groups.append({"params": phi, "lr": cfg.phi_lr or cfg.lr, "weight_decay": cfg.weight_decay})
     head_params = [p for h in heads if h is not None for p in h.parameters()]
     if head_params:
         groups.append({"params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, eps=1e-8)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's rate times a factor: linear warm-up over `warmup` of the steps, then constant or linear decay to 0."""
+    warm = round(cfg.warmup * total_steps)
+
+    def factor(step: int) -> float:  # `step` optimizer steps done; the factor applies to the next one
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.decay == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def with_context(prompt: Tensor | None, context: Tensor | None) -> Tensor | None:
@@ -250,6 +277,7 @@ def _fit(
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = sum(math.ceil(len(t) / cfg.batch_size) for t in train)
     total_steps = cfg.epochs * steps_per_epoch
+    schedule = make_schedule(optimizer, cfg, total_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     rank, world = distributed.setup()
 
@@ -271,6 +299,7 @@ def _fit(
             applied, loss = train_step(backbone, prompt, heads[t], [train[t][i] for i in local], optimizer, cfg.bf16,
                                        context, len(batch_ids))
             skipped += not applied
+            schedule.step()
             running += [] if loss is None else [loss]
             step += 1
             seen += len(batch_ids)
@@ -298,10 +327,19 @@ def _fit(
     best.restore(prompt, heads)
     results = []
     for t, data in enumerate(datas):
-        test = {}
+        test, added = {}, {}
         if data.test:
             features = backbone.featurize(data.test, max_tokens)
-            test = data.task.score(data.test, predict_shared(backbone, with_context(best.collapsed, context), heads[t], features, cfg))
+
+            def test_score(used: Tensor | None) -> dict:
+                return data.task.score(data.test, predict_shared(backbone, with_context(used, context), heads[t], features, cfg))
+
+            test = test_score(best.collapsed)
+            # What the prompt adds: the trained head alone, and P without the Φ it was trained through.
+            if prompt is not None and heads[t] is not None:
+                added["test_without_prompt"] = data.task.score(data.test, predict_shared(backbone, None, heads[t], features, cfg))["score"]
+            if prompt is not None and prompt.cfg.reparameterized:
+                added["test_without_phi"] = test_score(prompt.prompt.detach().clone())["score"]
         n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0
         metrics = {
             "task": data.task.name,
@@ -309,6 +347,7 @@ def _fit(
             "dev_score": best.scores[t],
             "test": test,
             "test_score": test.get("score", math.nan),
+            **added,
             "best_step": best.step,
             "steps": step,
             "skipped_nonfinite_steps": skipped,

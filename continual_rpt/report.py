@@ -41,6 +41,9 @@ NOTES = [
     "Scores in percent. Prompt tokens in context: the most any task puts in front of the backbone's input "
     "(a bank puts one task's n tokens, the same for every task; progressive prompts grow along the stream). "
     "Trainable and stored parameters: sums over the tasks.",
+    "Controls (scored by every run on the same data): the majority class answers every test example with the most "
+    "frequent training label; the linear probe is a logistic regression on the frozen backbone's pooled features, "
+    "C chosen on dev. A method that does not beat the probe has learned nothing the backbone's embeddings did not hold.",
 ]
 FONT = 12
 
@@ -99,13 +102,30 @@ def run_values(metrics: dict) -> dict[str, float | None]:
     }
 
 
+CONTROLS = {"majority": "majority class (control)", "linear_probe": "linear probe (control)"}
+
+
+def control_values(groups: dict[str, list[dict]], key: str) -> list[dict[str, float]]:
+    """One row per seed of a control's scores (`per_task.<key>_score`), from the first run of that seed that has them."""
+    by_seed: dict = {}
+    for runs in groups.values():
+        for m in runs:
+            scores = {t: m["per_task"][t].get(f"{key}_score") for t in m["tasks"]}
+            if all(v is not None for v in scores.values()):
+                by_seed.setdefault(m.get("seed"), scores)
+    return [{"average_score": float(np.mean(list(scores.values()))), **{f"final_{t}": v for t, v in scores.items()}}
+            for scores in by_seed.values()]
+
+
 def summary_frame(groups: dict[str, list[dict]]) -> pd.DataFrame:
-    """One row per method: `seeds` and `<stem>_mean`, `<stem>_std` for every number (std NaN for one seed)."""
-    values = pd.DataFrame([run_values(m) for runs in groups.values() for m in runs], dtype=float)  # None -> NaN
-    values.insert(0, "method", [label for label, runs in groups.items() for _ in runs])
+    """One row per method, then one per control the runs scored: `seeds` and `<stem>_mean`, `<stem>_std` (std NaN for one seed)."""
+    rows = {label: [run_values(m) for m in runs] for label, runs in groups.items()}
+    rows.update({name: found for key, name in CONTROLS.items() if (found := control_values(groups, key))})
+    values = pd.DataFrame([v for found in rows.values() for v in found], dtype=float)  # None -> NaN
+    values.insert(0, "method", [label for label, found in rows.items() for _ in found])
     stats = values.groupby("method", sort=False).agg(["mean", "std"])
     stats.columns = [f"{stem}_{stat}" for stem, stat in stats.columns]
-    stats.insert(0, "seeds", [len(runs) for runs in groups.values()])
+    stats.insert(0, "seeds", [len(found) for found in rows.values()])
     return stats.reset_index()
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from continual_rpt.atomic import replace_file, replace_json
 from continual_rpt.bank import PromptBank
+from continual_rpt.controls import reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
@@ -49,6 +50,7 @@ def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         stored = json.loads(stored_path.read_text())
         stored.setdefault("baseline", dataclasses.asdict(BaselineConfig()))  # runs made before the key existed used these
+        stored.setdefault("controls", True)
         config = json.loads(json.dumps(config))  # as stored: tuples become lists
         if stored != config:
             differing = [k for k in config if stored.get(k) != config[k]]
@@ -110,8 +112,11 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
                 if i == len(stream.tasks) - 1:  # the final scores' resamples, for confidence intervals and paired comparisons
                     state.setdefault("bootstrap", {})[seen.name] = resampled_scores(d.task, d.test, predictions)
                     state.setdefault("test_sets", {})[seen.name] = examples_id(d.test)
-        state["rows"].append(row)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
+        if stream.controls:  # not in the task's time: the controls are the reader's, not the method's
+            d, cfg = data[spec.name], spec.train
+            state.setdefault("controls", {})[spec.name] = reference_scores(backbone, d, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
+        state["rows"].append(row)
         replace_json(out / STATE_FILE, state)
         kill_point("run.task-done")
         log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated")
@@ -147,6 +152,8 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "train_examples_per_second": m["train_examples_per_second"],
             "skipped_rows": sum(entry.meta.get("skipped_rows", {}).values()),
             "final_test_ci": [ci.low, ci.high] if ci else None,
+            **{f"{k}_score": v for k, v in state.get("controls", {}).get(name, {}).items()},  # majority, linear_probe
+            **{k: m[k] for k in ("test_without_prompt", "test_without_phi") if k in m},  # what the prompt adds
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
     return {
@@ -184,14 +191,20 @@ def write_results(out: Path, state: dict, metrics: dict) -> None:
     replace_json(out / "metrics.json", metrics)
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def summary_table(metrics: dict) -> str:
-    """A plain-text table: task, score after learning it, final score and its 95% CI, prompt tokens, time."""
-    lines = [f"{'task':<14}{'score':>8}{'final':>8}{'95% CI':>14}{'tokens':>8}{'time s':>9}"]
+    """A plain-text table: task, the controls' scores, score after learning it, final score and its 95% CI, prompt tokens, time."""
+    lines = [f"{'task':<14}{'majority':>9}{'probe':>8}{'score':>8}{'final':>8}{'95% CI':>14}{'tokens':>8}{'time s':>9}"]
     for name, t in metrics["per_task"].items():
-        after = "—" if t["score_after_learning"] is None else f"{t['score_after_learning']:.1f}"
         ci = "—" if t["final_test_ci"] is None else "{:.1f}–{:.1f}".format(*t["final_test_ci"])
-        lines.append(f"{name:<14}{after:>8}{t['final_score']:>8.1f}{ci:>14}{t['prompt_tokens_in_context']:>8}{t['task_seconds']:>9.0f}")
+        lines.append(f"{name:<14}{_number(t.get('majority_score')):>9}{_number(t.get('linear_probe_score')):>8}"
+                     f"{_number(t['score_after_learning']):>8}{t['final_score']:>8.1f}{ci:>14}{t['prompt_tokens_in_context']:>8}"
+                     f"{t['task_seconds']:>9.0f}")
     fgt = metrics["forgetting"]
     lines.append(f"average {metrics['average_score']:.1f}   forgetting {'—' if fgt is None else f'{fgt:.1f}'}   "
                  f"total {metrics['wall_seconds']:.0f} s")
+    lines.append("majority: always the most frequent training label; probe: logistic regression on frozen pooled features (C on dev)")
     return "\n".join(lines)

@@ -5,11 +5,13 @@
     backbone: {backbone: embedded, pooling: cls}
     strategy: bank                      # or progressive, shared, multitask, naive, ewc, lwf, replay, agem
     baseline: {ewc_lambda: 1000}        # BaselineConfig: settings of the Avalanche baselines
+    controls: true                      # majority-class and linear-probe scores beside the method's
     data: {k_per_class: 32}            # DataConfig defaults for every task
     prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
     train: {epochs: 10}                 # TrainConfig defaults
     tasks:
-      - CB                              # a SuperGLUE task (or a hub task of tasks/catalog.py) by name
+      - CB                              # a SuperGLUE task, or a CL benchmark task of tasks/catalog.py
+                                        # (from the CL layout under data_dir when one is given, else the hub)
       - task: RTE                       # the same, with overrides of any section
         data: {k_per_class: 16}
         train: {max_length: 192}
@@ -35,6 +37,7 @@ from continual_rpt.backbones import BackboneConfig
 from continual_rpt.bank import check_name
 from continual_rpt.learner import TrainConfig
 from continual_rpt.prompts import PromptConfig
+from continual_rpt.recipes import recipe_for
 from continual_rpt.strategies import STRATEGIES
 from continual_rpt.tasks import (
     CustomTaskConfig,
@@ -45,7 +48,7 @@ from continual_rpt.tasks import (
     load_custom_data,
     load_task_data,
 )
-from continual_rpt.tasks.catalog import HUB_TASKS
+from continual_rpt.tasks.catalog import CL_LAYOUT, HUB_TASKS, SPLIT_FROM, catalog_task
 
 SECTIONS = ("data", "prompt", "train")
 
@@ -54,16 +57,19 @@ SECTIONS = ("data", "prompt", "train")
 class DataConfig:
     """Where a task's data comes from and how much of it trains."""
 
-    data_dir: str = field(default="", metadata={"help": "folder with <Task>/{train,val}.jsonl (default: $CRPT_DATA_DIR)"})
+    data_dir: str = field(default="", metadata={"help": "folder with <Task>/{train,val}.jsonl, or the CL benchmark layout (default: $CRPT_DATA_DIR)"})
     train_dir: str = field(default="", metadata={"help": "take train.jsonl from this folder instead (relative: to the data dir), e.g. FewGLUE"})
     source: str = field(default="files", metadata={"help": "files (official jsonl) or hub (Hugging Face aps/super_glue)"})
     k_per_class: int = field(default=0, metadata={"help": "train on k examples per class (0: all)"})
     max_train: int = field(default=0, metadata={"help": "train on a seeded subset of this many examples (0: all)"})
     max_eval: int = field(default=0, metadata={"help": "evaluate on a fixed subset of this many dev and test examples each (MultiRC: questions; 0: all)"})
+    split_from: str = field(default="", metadata={"help": "CL benchmark layout: carve train, dev and test out of this one file (train or test)"})
 
     def __post_init__(self) -> None:
         if self.source not in ("files", "hub"):
             raise ValueError(f"source: {self.source!r} is not one of files, hub")
+        if self.split_from not in SPLIT_FROM:
+            raise ValueError(f"split_from: {self.split_from!r} is not one of train, test (or empty)")
         for name in ("k_per_class", "max_train", "max_eval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be 0 (all) or more, got {getattr(self, name)}")
@@ -103,6 +109,16 @@ class TaskSpec:
     train: TrainConfig
 
 
+CATALOG = sorted({*HUB_TASKS, *CL_LAYOUT})
+
+
+def data_root(data: DataConfig) -> str | None:
+    """The folder a task's files are read from: its data_dir, else $CRPT_DATA_DIR; None for the hub."""
+    if data.source == "hub":
+        return None
+    return data.data_dir or os.environ.get("CRPT_DATA_DIR") or None
+
+
 @dataclass
 class Stream:
     """An ordered list of tasks learned one after another on one frozen backbone."""
@@ -114,6 +130,7 @@ class Stream:
     base_dir: Path  # the stream file's folder: relative custom-data paths resolve against it
     strategy: str = "bank"
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    controls: bool = True  # score the majority class and a linear probe on every task, beside the method
 
     def resolved(self) -> dict:
         """The whole configuration with every default filled in (saved next to a run)."""
@@ -123,6 +140,7 @@ class Stream:
             "backbone": dataclasses.asdict(self.backbone),
             "strategy": self.strategy,
             "baseline": dataclasses.asdict(self.baseline),
+            "controls": self.controls,
             "tasks": [
                 {"name": t.name, "task": t.task, "custom": dataclasses.asdict(t.custom) if t.custom else None,
                  **{s: dataclasses.asdict(getattr(t, s)) for s in SECTIONS}}
@@ -158,8 +176,8 @@ def build(cls: type, values: object, where: str, base: object | None = None):
         raise ValueError(f"{where}.{err}") from None
 
 
-def load_stream(path: str | Path) -> Stream:
-    """Parse and validate a stream file."""
+def load_stream(path: str | Path, data_dir: str | None = None, backbone: str | None = None) -> Stream:
+    """Parse and validate a stream file; `data_dir` replaces every task's data folder, `backbone` the backbone (crpt run options)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: stream file not found")
@@ -167,14 +185,14 @@ def load_stream(path: str | Path) -> Stream:
         doc = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, RecursionError) as err:  # absurdly nested documents exhaust the parser's recursion
         raise ValueError(f"{path}: not valid YAML ({type(err).__name__}: {str(err)[:200]})") from None
-    return parse_stream(doc, str(path), path.resolve().parent)
+    return parse_stream(doc, str(path), path.resolve().parent, data_dir, backbone)
 
 
-def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
+def parse_stream(doc: object, where: str, base_dir: Path, data_dir: str | None = None, backbone_name: str | None = None) -> Stream:
     """A Stream from an already-loaded YAML document; `where` prefixes every error."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: a stream file must be a mapping with 'name' and 'tasks'")
-    known = {"name", "description", "backbone", "strategy", "baseline", *SECTIONS, "tasks"}
+    known = {"name", "description", "backbone", "strategy", "baseline", "controls", *SECTIONS, "tasks"}
     for key in doc:
         if key not in known:
             raise ValueError(f"{where}: {key}: unknown key; known keys are {', '.join(sorted(known))}")
@@ -183,25 +201,32 @@ def parse_stream(doc: object, where: str, base_dir: Path) -> Stream:
         raise ValueError(f"{where}: name: expected a non-empty string")
     if not isinstance(description, str):
         raise ValueError(f"{where}: description: expected a string")
+    controls = doc.get("controls", True)
+    if not isinstance(controls, bool):
+        raise ValueError(f"{where}: controls: expected true or false, got {controls!r}")
     strategy = doc.get("strategy", "bank")
     if strategy not in STRATEGIES:
         raise ValueError(f"{where}: strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    defaults = {s: build(cls, doc.get(s), f"{where}: {s}") for s, cls in zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig))}
     backbone = build(BackboneConfig, doc.get("backbone"), f"{where}: backbone")
+    if backbone_name:
+        backbone = dataclasses.replace(backbone, backbone=backbone_name)
+    recipe = recipe_for(backbone.backbone)  # the backbone's own defaults, under the stream's
+    defaults = {s: build(cls, doc.get(s), f"{where}: {s}", build(cls, recipe.get(s), f"recipes.RECIPES[{backbone.backbone!r}].{s}"))
+                for s, cls in zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig))}
     baseline = build(BaselineConfig, doc.get("baseline"), f"{where}: baseline")
     items = doc.get("tasks")
     if not isinstance(items, list) or not items:
         raise ValueError(f"{where}: tasks: expected a non-empty list")
-    tasks = [_task_spec(item, f"{where}: tasks[{i}]", defaults) for i, item in enumerate(items)]
+    tasks = [_task_spec(item, f"{where}: tasks[{i}]", defaults, data_dir) for i, item in enumerate(items)]
     seen = set()
     for i, spec in enumerate(tasks):
         if spec.name in seen:
             raise ValueError(f"{where}: tasks[{i}]: task name {spec.name!r} appears twice; give one a 'name'")
         seen.add(spec.name)
-    return Stream(name, description, backbone, tasks, base_dir, strategy, baseline)
+    return Stream(name, description, backbone, tasks, base_dir, strategy, baseline, controls)
 
 
-def _task_spec(item: object, where: str, defaults: dict) -> TaskSpec:
+def _task_spec(item: object, where: str, defaults: dict, data_dir: str | None) -> TaskSpec:
     if isinstance(item, str):
         item = {"task": item}
     if not isinstance(item, dict):
@@ -211,24 +236,33 @@ def _task_spec(item: object, where: str, defaults: dict) -> TaskSpec:
             raise ValueError(f"{where}.{key}: unknown key; known keys are name, task, custom, {', '.join(SECTIONS)}")
     if ("task" in item) == ("custom" in item):
         raise ValueError(f"{where}: give exactly one of 'task' (a SuperGLUE task) or 'custom'")
-    custom, task = None, ""
+    sections = {s: build(type(defaults[s]), item.get(s), f"{where}.{s}", defaults[s]) for s in SECTIONS}
+    if data_dir:
+        sections["data"] = dataclasses.replace(sections["data"], data_dir=data_dir)
+    custom, task, catalog = None, "", False
     if "custom" in item:
         custom = custom_config_from_dict(item["custom"], f"{where}.custom")
         name = item.get("name", custom.name)
-    elif str(item["task"]).lower() in HUB_TASKS:
-        custom = HUB_TASKS[str(item["task"]).lower()]
+    elif str(item["task"]).lower() in CATALOG:
+        catalog = True
+        try:
+            custom = catalog_task(str(item["task"]).lower(), data_root(sections["data"]), sections["data"].split_from)
+        except ValueError as err:
+            raise ValueError(f"{where}.task: {err}") from None
         name = item.get("name", custom.name)
     else:
         try:
             task = get_task(str(item["task"])).name
         except ValueError as err:
-            raise ValueError(f"{where}.task: {err}; or one of the hub tasks {', '.join(HUB_TASKS)}") from None
+            raise ValueError(f"{where}.task: {err}; or one of the CL benchmark tasks {', '.join(CATALOG)}") from None
         name = item.get("name", task)
+    if sections["data"].split_from and not catalog:
+        raise ValueError(f"{where}.data.split_from: applies to CL benchmark tasks ({', '.join(CATALOG)}); "
+                         "a custom task says split_from in its own declaration")
     try:
         check_name(name)
     except ValueError as err:
         raise ValueError(f"{where}.name: {err}") from None
-    sections = {s: build(type(defaults[s]), item.get(s), f"{where}.{s}", defaults[s]) for s in SECTIONS}
     return TaskSpec(name=name, task=task, custom=custom, **sections)
 
 

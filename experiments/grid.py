@@ -17,7 +17,6 @@ score (the most frequent training label predicted for every test example) is add
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import os
@@ -34,17 +33,12 @@ import yaml
 from continual_rpt import __version__
 from continual_rpt.atomic import replace_json
 from continual_rpt.backbones import load_backbone
+from continual_rpt.controls import fit_linear_probe, majority_score
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
-from continual_rpt.tasks import load_task_data
+from continual_rpt.streams import load_data, parse_stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def majority_score(data) -> float:
-    """Test score of always predicting the most frequent training label (or choice index)."""
-    common = collections.Counter(ex.label for ex in data.train).most_common(1)[0][0]
-    return data.task.score(data.test, [common] * len(data.test))["score"]
 
 
 def grid_runs(spec: dict) -> list[tuple[str, str, str, int]]:
@@ -69,6 +63,16 @@ def write_record(path: Path, record: dict) -> None:
     replace_json(path, record)
 
 
+DATA_KEYS = ("max_train", "k_per_class", "max_eval", "split_from")  # a task's data settings in a grid file
+
+
+def grid_data(task: str, data_dir: Path, opts: dict, override: dict, seed: int, spec_path: Path):
+    """One task's splits as a one-task stream would read them: SuperGLUE files, or a CL benchmark task from its layout."""
+    data = {"data_dir": str(data_dir), **opts, **override}
+    stream = parse_stream({"name": "grid", "data": data, "train": {"seed": seed}, "tasks": [task]}, str(spec_path), spec_path.parent)
+    return load_data(stream.tasks[0], spec_path.parent)
+
+
 def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
     """Train every run of `spec` that has no result in `results`/<name> yet, then write the summary."""
     out = results / spec["name"]
@@ -83,13 +87,22 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
             continue
         opts = spec["tasks"][task] or {}
         override = spec.get("variants", {}).get(variant, {})
-        sizes = {"max_train": opts.get("max_train"), "k_per_class": opts.get("k_per_class"), **override.get("data", {})}
-        data = load_task_data(task, data_dir, **sizes, seed=seed)
-        prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": method})
+        data = grid_data(task, data_dir, {k: v for k, v in opts.items() if k in DATA_KEYS}, override.get("data", {}), seed, spec_path)
+        prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": "head" if method == "linear-probe" else method})
         train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
         common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
-                  "majority_test_score": majority_score(data),
+                  "majority_test_score": majority_score(data), "pooling": getattr(backbone, "pooling", None),
                   "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
+        if method == "linear-probe":  # a control with no prompt and no gradient steps
+            start = time.perf_counter()
+            _, fitted = fit_linear_probe(backbone, data, train_cfg.max_length, seed, train_cfg.eval_batch_size, train_cfg.bf16)
+            wall = time.perf_counter() - start
+            record = {**fitted, **common, "task": task, "method": method, "wall_seconds": wall,
+                      "train_examples_per_second": len(data.train) / wall, "history": []}
+            write_record(path, record)
+            print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
+                  f"(C {record['C']}, {wall:.0f} s)", flush=True)
+            continue
         try:
             result = train_task(backbone, data, prompt_cfg, train_cfg)
         except TrainingDiverged as err:  # a result of the grid (e.g. a learning rate too high), not a crash
@@ -127,7 +140,7 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     tasks = list(spec["tasks"])
     majority = {t: next((r["majority_test_score"] for r in runs if r["task"] == t), None) for t in tasks}
-    rows = [("majority class", {t: "—" if v is None else f"{v:.1f}" for t, v in majority.items()}, "—")]
+    rows = [("majority class", {t: "—" if v is None else f"{v:.1f}" for t, v in majority.items()}, "—", "—")]
     csv_lines = ["variant,method,task,seeds,diverged,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
     keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
     for variant, method in keys:
@@ -147,10 +160,15 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
             csv_lines.append(f"{variant},{method},{task},{len(mine)},{diverged},{statistics.mean(devs):.2f},{sd(devs):.2f},"
                              f"{statistics.mean(tests):.2f},{sd(tests):.2f},{speed:.1f}")
         label = f"{method} ({variant})" if variant else method
-        rows.append((label, cells, f"{statistics.mean(averages):.1f}" if len(averages) == len(tasks) else "—"))
+        dev_means = [statistics.mean(r["dev_score"] for r in runs if r["task"] == t and r["method"] == method
+                                     and r.get("variant", "") == variant and r["test_score"] is not None) for t in tasks
+                     if cells[t] != "—" and not cells[t].startswith("diverged")]
+        complete = len(averages) == len(tasks)
+        rows.append((label, cells, f"{statistics.mean(averages):.1f}" if complete else "—",
+                     f"{statistics.mean(dev_means):.1f}" if complete else "—"))
     (out / "summary.csv").write_text("\n".join(csv_lines) + "\n")
-    table = ["| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
-    table += [f"| {name} | " + " | ".join(cells[t] for t in tasks) + f" | {avg} |" for name, cells, avg in rows]
+    table = ["| method | " + " | ".join(tasks) + " | average | dev average |", "|---" * (len(tasks) + 3) + "|"]
+    table += [f"| {name} | " + " | ".join(cells[t] for t in tasks) + f" | {avg} | {dev} |" for name, cells, avg, dev in rows]
     try:
         shown = spec_path.relative_to(Path.cwd())
     except ValueError:
@@ -164,7 +182,8 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     header = [f"# {spec['name']}", "", spec.get("description", "").strip(), "",
               "Test-half score (task metric mean, percent), mean ± std over seeds that trained; dev half used for early stopping only; "
-              "(k diverged): k seeds ended with no finite dev evaluation.", ""]
+              "(k diverged): k seeds ended with no finite dev evaluation. Dev average: the mean dev score over tasks, "
+              "the one to select a setting by.", ""]
     (out / "summary.md").write_text("\n".join(header + table + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
     print("\n".join(table))
 

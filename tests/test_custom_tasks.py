@@ -334,3 +334,57 @@ def test_a_missing_evaluation_file_names_the_ways_to_provide_it(shared_data):
     cfg = CustomTaskConfig("yelp", labels, "sentence", train=str(folder / "train.json"), validation=str(folder / "test.json"))
     with pytest.raises(DataError, match=r"yelp/test\.json not found; .*split_from: train.*hub: <dataset id>"):
         load_custom_data(cfg)
+
+
+# --- CL benchmark tasks by name, from a folder in its layout -------------------------------------------
+
+
+def _cl_stream(tmp_path: Path, tasks: list) -> Path:
+    return _write(tmp_path / "cl.yaml", yaml.safe_dump({"name": "cl", "data": {"k_per_class": 4}, "tasks": tasks}))
+
+
+def test_cl_benchmark_tasks_by_name_read_the_layout_under_the_data_dir(tmp_path, shared_data, monkeypatch):
+    from continual_rpt.streams import load_data, load_stream
+
+    root = shared_data / "cl_benchmark"
+    path = _cl_stream(tmp_path, ["ag", "mnli", {"task": "yelp", "data": {"split_from": "train"}},
+                                 {"task": "dbpedia", "data": {"split_from": "test"}}])
+    monkeypatch.setenv("CRPT_DATA_DIR", str(root))  # the environment variable, as --data-dir would
+    stream = load_stream(path)
+    data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+    assert data["ag"].task.label_names == tuple(json.loads((root / "TC/agnews/labels.json").read_text()))
+    assert "Science or Technology" in data["ag"].task.label_names  # the layout's names, not the hub's
+    assert (len(data["ag"].train), len(data["ag"].dev), len(data["ag"].test)) == (16, 3800, 3800)  # test.json halved
+    mnli_test = str((root / "NLI/MNLI/test.json").resolve())
+    assert data["mnli"].skipped == {mnli_test: 131}  # rows labelled '-': no gold label
+    assert len(data["mnli"].dev) + len(data["mnli"].test) == 7600 - 131
+    assert len(data["yelp"].dev) == len(data["yelp"].test) == 833  # a seeded third of train.json, halved
+    dbpedia = str((root / "TC/dbpedia/test.json").resolve())
+    assert list(data["dbpedia"].files) == [dbpedia]  # train, dev and test all carved out of the one file there is
+    assert len(data["dbpedia"].dev) + len(data["dbpedia"].test) == 7600 // 3
+    assert set(data["dbpedia"].train[0].uid.split("/")[:2]) == {"dbpedia", "test"}
+    given = load_stream(path, str(root))  # --data-dir reads the same files as the variable
+    assert [spec.custom for spec in given.tasks] == [spec.custom for spec in stream.tasks]
+
+
+def test_cl_benchmark_missing_files_and_folders_name_the_ways_to_provide_them(tmp_path, shared_data, monkeypatch):
+    from continual_rpt.streams import load_data, load_stream
+
+    monkeypatch.delenv("CRPT_DATA_DIR", raising=False)
+    root = str(shared_data / "cl_benchmark")
+    stream = load_stream(_cl_stream(tmp_path, ["yelp"]), root)  # Yelp's stored copy has no test.json
+    with pytest.raises(DataError, match=r"SC/yelp/test\.json not found; .*data: \{split_from: train\}.*data: \{source: hub\}"):
+        load_data(stream.tasks[0], stream.base_dir)
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.task: .*other/TC/agnews/labels\.json not found.*source: hub"):
+        load_stream(_cl_stream(tmp_path, ["ag"]), str(tmp_path / "other"))
+    _write(tmp_path / "bad" / "TC" / "agnews" / "labels.json", '{"World": 0}')
+    with pytest.raises(ValueError, match=r"bad/TC/agnews/labels\.json: expected a JSON array of distinct label names"):
+        load_stream(_cl_stream(tmp_path, ["ag"]), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="amazon: has no copy on the Hugging Face hub"):
+        load_stream(_cl_stream(tmp_path, ["amazon"]))
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.data\.split_from: 'dev' is not one of train, test"):
+        load_stream(_cl_stream(tmp_path, [{"task": "ag", "data": {"split_from": "dev"}}]), root)
+    with pytest.raises(ValueError, match=r"tasks\[0\]\.data\.split_from: applies to CL benchmark tasks"):
+        load_stream(_cl_stream(tmp_path, [{"task": "CB", "data": {"split_from": "train"}}]), root)
+    hub = load_stream(_cl_stream(tmp_path, [{"task": "ag", "data": {"source": "hub"}}]), root)
+    assert hub.tasks[0].custom.hub == "fancyzhx/ag_news"  # source: hub wins over the folder

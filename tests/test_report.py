@@ -84,6 +84,22 @@ def test_csv_and_markdown_content(runs, tmp_path):
     assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | 42.0 ± 2.8 |" in md
 
 
+def test_control_rows_come_from_the_runs_once_per_seed(runs, tmp_path):
+    for folder, (majority, probe) in zip(runs, [(30, 60), (30, 60), (32, 66), (32, 66)]):  # rpt-0, pt-0, rpt-1, pt-1
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for i, t in enumerate(TASKS):
+            metrics["per_task"][t].update(majority_score=majority + i, linear_probe_score=probe + i)
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    table = compare(runs, tmp_path / "report").set_index("method")
+    assert list(table.index) == ["rpt", "pt", "majority class (control)", "linear probe (control)"]
+    probe = table.loc["linear probe (control)"]
+    assert probe["seeds"] == 2  # seeds 0 and 1, each counted once though two runs scored it
+    assert probe["average_score_mean"] == pytest.approx(64.0) and probe["final_RTE_mean"] == pytest.approx(65.0)
+    assert math.isnan(probe["forgetting_mean"])
+    md = (tmp_path / "report" / "comparison.md").read_text()
+    assert "| linear probe (control) | 2 | 64.0 ± 4.2 | — | — | 63.0 ± 4.2 |" in md
+
+
 def test_plots_are_valid_pngs(runs, tmp_path):
     out = tmp_path / "report"
     compare(runs, out)

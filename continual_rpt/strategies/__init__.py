@@ -31,6 +31,7 @@ REGISTRY: dict[str, Registered] = {
     "progressive": Registered("continual_rpt.strategies.bank:ProgressiveStrategy", {"progressive": "rpt", "progressive-pt": "pt"}),
     "shared": Registered("continual_rpt.strategies.shared:SharedStrategy", {"shared": None}),
     "multitask": Registered("continual_rpt.strategies.shared:MultitaskStrategy", {"multitask": None}),
+    "probe": Registered("continual_rpt.strategies.probe:LinearProbeStrategy", {"linear-probe": "head"}),
     "naive": Registered("continual_rpt.strategies.avalanche:AvalancheStrategy", {"naive": None}, "avalanche"),
     "ewc": Registered("continual_rpt.strategies.avalanche:AvalancheStrategy", {"ewc": None}, "avalanche"),
     "lwf": Registered("continual_rpt.strategies.avalanche:AvalancheStrategy", {"lwf": None}, "avalanche"),

@@ -57,7 +57,8 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "custom": dataclasses.asdict(spec.custom) if spec.custom else None,
         "kind": data.task.kind,
         "label_names": list(data.task.label_names),
-        "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint},
+        "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint,
+                     "pooling": getattr(backbone, "pooling", None)},  # resolved: `auto` is recorded as what it chose
         "method": spec.prompt.method,
         "prompt_tokens": trained.metrics["prompt_tokens"],
         "dtype": "float32",

@@ -236,8 +236,9 @@ def _array_rows(path: Path, data: bytes) -> Iterator[Row]:
 def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
     """The rows of a csv, tsv or jsonl file, checked one by one in file order; records its sha256 in `files`."""
     if not path.is_file():
-        raise DataError(f"{path} not found; give the file, or, where a dataset was published without an evaluation file, "
-                        "carve dev and test out of the train file (split_from: train) or read it from the hub (hub: <dataset id>)")
+        raise DataError(f"{path} not found; give the file, or carve the missing splits (seeded) out of the file there is "
+                        "(a custom task: split_from: train; a CL benchmark task: data: {split_from: train} or {split_from: test}), "
+                        "or read the dataset from the hub (a custom task: hub: <dataset id>; a CL benchmark task: data: {source: hub})")
     if path.suffix.lower() == ".jsonl":
         files[str(path)], lines = read_lines(path)
         return ((number, decode_json_line(line, f"{path}:{number}")) for number, line in lines)
