@@ -1,7 +1,8 @@
 """The prompt bank: one inference-only entry per task, keyed by task name.
 
 An entry is a folder: `prompt.safetensors` (key `prompt`, [n, d] fp32), `head.safetensors` where the
-backbone has a head, `entry.json` (what the entry is: task, labels, backbone fingerprint and width,
+backbone has a head, `route.safetensors` (what routing by input needs, see `continual_rpt.routing`;
+absent in entries made before routing existed), `entry.json` (what the entry is: task, labels, backbone fingerprint and width,
 data checksums, version), `config.json` (the resolved configuration that trained it) and
 `metrics.json` (its scores, sizes and timings). Nothing else is read, so loading never runs code.
 
@@ -36,9 +37,9 @@ from torch import Tensor
 from continual_rpt.atomic import fsync_dir, replace_json, write_json
 from continual_rpt.faults import kill_point
 
-PROMPT_FILE, HEAD_FILE = "prompt.safetensors", "head.safetensors"
+PROMPT_FILE, HEAD_FILE, ROUTE_FILE = "prompt.safetensors", "head.safetensors", "route.safetensors"
 META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.json"
-ENTRY_FILES = frozenset({PROMPT_FILE, HEAD_FILE, META_FILE, CONFIG_FILE, METRICS_FILE})
+ENTRY_FILES = frozenset({PROMPT_FILE, HEAD_FILE, ROUTE_FILE, META_FILE, CONFIG_FILE, METRICS_FILE})
 INDEX_FILE, LOCK_FILE = "bank.json", ".lock"
 BANK_FORMAT = "continual-rpt-bank/1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
@@ -69,6 +70,7 @@ class Entry:
     meta: dict
     config: dict
     metrics: dict
+    route: dict[str, Tensor] | None = None  # what routing needs (continual_rpt.routing); None in entries made before it
 
     def save_pretrained(self, folder: str | Path) -> dict[str, str]:
         """Write the entry to `folder` atomically (complete, or not there at all); return its files' sha256."""
@@ -84,6 +86,9 @@ class Entry:
             if self.head is not None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.head.items()}, tmp / HEAD_FILE)
                 kill_point(f"bank.entry:{HEAD_FILE}")
+            if self.route is not None:
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in self.route.items()}, tmp / ROUTE_FILE)
+                kill_point(f"bank.entry:{ROUTE_FILE}")
             for name, doc in ((META_FILE, self.meta), (CONFIG_FILE, self.config), (METRICS_FILE, self.metrics)):
                 write_json(tmp / name, doc)
                 kill_point(f"bank.entry:{name}")
@@ -131,7 +136,7 @@ class Entry:
             if not isinstance(docs[name], dict):
                 raise BankError(f"{folder / name}: must hold a JSON object, not {type(docs[name]).__name__}")
         tensors = {}
-        for name in (PROMPT_FILE, HEAD_FILE):
+        for name in (PROMPT_FILE, HEAD_FILE, ROUTE_FILE):
             if (folder / name).is_file():
                 try:
                     tensors[name] = load_file(folder / name)
@@ -140,7 +145,7 @@ class Entry:
         prompt = tensors[PROMPT_FILE].get("prompt") if PROMPT_FILE in tensors else None
         if PROMPT_FILE in tensors and prompt is None:
             raise BankError(f"{folder / PROMPT_FILE}: has no tensor named 'prompt'")
-        return cls(prompt, tensors.get(HEAD_FILE), docs[META_FILE], docs[CONFIG_FILE], docs[METRICS_FILE])
+        return cls(prompt, tensors.get(HEAD_FILE), docs[META_FILE], docs[CONFIG_FILE], docs[METRICS_FILE], tensors.get(ROUTE_FILE))
 
     def check_backbone(self, backbone, where: Path | str) -> None:
         """Refuse a backbone other than the one the entry was trained on (other width or other weights)."""

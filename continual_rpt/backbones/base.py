@@ -3,7 +3,8 @@
 A family says where the prompt enters, how a batch is scored, and what head a task gets. To add
 a family: subclass `Backbone`, set `family` to its name, implement `from_pretrained` (load the
 weights), `featurize` (tokenise examples once), `collate` (pad a batch into tensors), `loss`
-(training objective), `scores` (one score per option, for prediction), `new_head` (the per-task
+(training objective), `scores` (one score per option, for prediction), `input_features` (a prompt-free
+vector per example, for routing), `new_head` (the per-task
 trainable head, or None) and `max_positions` (the longest sequence, prompt included); then add one
 row to `FAMILIES` in `continual_rpt/backbones/__init__.py` naming the model types it serves.
 The backbone's weights are frozen and never handed to an optimizer.
@@ -39,6 +40,35 @@ class Features:
     def length(self) -> int:
         """Tokens this example costs in a forward pass, for length bucketing."""
         return sum(len(s) for s in self.ids) + sum(len(t) for t in self.targets)
+
+
+@dataclass
+class RowPrompts:
+    """One prompt per example of a mixed-task batch: `embeds` [B, N, d], each prompt right-aligned in its
+    row, `mask` [B, N] marking its real slots (an entry of n < N tokens leaves N − n masked slots in front)."""
+
+    embeds: Tensor
+    mask: Tensor
+
+    @classmethod
+    def stack(cls, prompts: list[Tensor | None], width: int, device: torch.device) -> RowPrompts:
+        """Gather each example's prompt (None for an entry without one) into one padded block."""
+        n = max((p.shape[0] for p in prompts if p is not None), default=0)
+        embeds = torch.zeros(len(prompts), n, width, device=device)
+        mask = torch.zeros(len(prompts), n, dtype=torch.long, device=device)
+        for row, p in enumerate(prompts):
+            if p is not None and p.shape[0]:
+                embeds[row, n - p.shape[0] :] = p
+                mask[row, n - p.shape[0] :] = 1
+        return cls(embeds, mask)
+
+
+def prompt_block(prompt: Tensor | RowPrompts, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The prompt slots of each sequence, [S, N, d], and their 0/1 mask; `rows` maps sequence to example."""
+    if isinstance(prompt, RowPrompts):
+        return prompt.embeds[rows].to(dtype), prompt.mask[rows]
+    s, n = rows.shape[0], prompt.shape[0]
+    return prompt.to(dtype).unsqueeze(0).expand(s, -1, -1), torch.ones(s, n, dtype=torch.long, device=prompt.device)
 
 
 class Backbone(ABC):
@@ -80,8 +110,16 @@ class Backbone(ABC):
         """The training loss of a collated batch, with `prompt` [n, d] inserted (or none)."""
 
     @abstractmethod
-    def scores(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
-        """Scores [B, C] of every option of every example, -inf where an example has fewer."""
+    def scores(self, prompt: Tensor | RowPrompts | None, head: nn.Module | list[nn.Module] | None, batch: dict[str, Tensor]) -> Tensor:
+        """Scores [B, C] of every option of every example, -inf where an example has fewer.
+
+        One prompt [n, d] and one head for a batch of one task; or, for a mixed-task batch, `RowPrompts`
+        and one head per example (None where the family has no heads).
+        """
+
+    @abstractmethod
+    def input_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Each example's pooled representation without any prompt, [B, d] fp32 (what routing compares)."""
 
     def use_attention_for(self, bf16: bool) -> None:
         """Pick the attention kernel for this precision (only encoders switch; see EncoderBackbone)."""

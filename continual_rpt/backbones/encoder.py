@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import Backbone, Features, _pad
+from continual_rpt.backbones.base import Backbone, Features, RowPrompts, _pad, prompt_block
 from continual_rpt.tasks import Example, Task
 
 POOLINGS = ("cls", "mean")
@@ -76,31 +76,59 @@ class EncoderBackbone(Backbone):
         out["labels"] = torch.tensor([f.label for f in batch])
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def encode(self, prompt: Tensor | None, batch: dict[str, Tensor]) -> Tensor:
+    def encode(self, prompt: Tensor | RowPrompts | None, batch: dict[str, Tensor]) -> Tensor:
         """Pooled output [S, d] for the S padded sequences, with the prompt after [CLS]."""
         embeds = self.embeddings(batch["input_ids"])  # [S, T, d]
         mask, types = batch["attention_mask"], batch["token_type_ids"]
+        positions = None
         if prompt is not None:
-            s, n = embeds.shape[0], prompt.shape[0]
-            p = prompt.to(embeds.dtype).unsqueeze(0).expand(s, -1, -1)  # [S, n, d]
+            p, prompt_mask = prompt_block(prompt, batch["rows"], embeds.dtype)  # [S, n, d], [S, n]
             embeds = torch.cat([embeds[:, :1], p, embeds[:, 1:]], dim=1)  # [S, 1 + n + T - 1, d]
-            mask = torch.cat([mask[:, :1], mask.new_ones(s, n), mask[:, 1:]], dim=1)
-            types = torch.cat([types[:, :1], types.new_zeros(s, n), types[:, 1:]], dim=1)
-        hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state
+            mask = torch.cat([mask[:, :1], prompt_mask, mask[:, 1:]], dim=1)
+            types = torch.cat([types[:, :1], torch.zeros_like(prompt_mask), types[:, 1:]], dim=1)
+            if isinstance(prompt, RowPrompts):  # number positions as if the masked prompt slots were not there
+                kept = torch.cat([mask.new_ones(mask.shape[0], 1), prompt_mask, mask.new_ones(mask.shape[0], mask.shape[1] - 1 - p.shape[1])], dim=1)
+                padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
+                positions = kept.cumsum(1) - 1 + (0 if padding_idx is None else padding_idx + 1)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)
 
-    def scores(self, prompt: Tensor | None, head: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def input_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Pooled output without a prompt, averaged over each example's pairs (a choice task has one per choice)."""
+        pooled = self.encode(None, batch).float()
+        rows, n = batch["rows"], int(batch["labels"].shape[0])
+        sums = pooled.new_zeros(n, pooled.shape[1]).index_add_(0, rows, pooled)
+        return sums / torch.bincount(rows, minlength=n).unsqueeze(1).to(sums.dtype)
+
+    def scores(self, prompt: Tensor | RowPrompts | None, head: nn.Module | list[nn.Module], batch: dict[str, Tensor]) -> Tensor:
         """Scores [B, C]: label logits, or choice logits with -inf where an example has fewer choices."""
-        logits = head(self.encode(prompt, batch)).float()  # [S, outputs]
+        pooled = self.encode(prompt, batch)  # [S, d]
+        if isinstance(head, list):
+            return self._scores_per_head(pooled, head, batch)
+        logits = head(pooled).float()  # [S, outputs]
         if logits.shape[1] > 1:  # classification: one sequence per example
             return logits
         n_rows = int(batch["labels"].shape[0])
         n_slots = int(batch["slots"].max()) + 1
         packed = logits.new_full((n_rows, n_slots), float("-inf"))
         packed[batch["rows"], batch["slots"]] = logits[:, 0]
+        return packed
+
+    def _scores_per_head(self, pooled: Tensor, heads: list[nn.Module], batch: dict[str, Tensor]) -> Tensor:
+        """A mixed-task batch's scores: each example's sequences read by its own task's head."""
+        rows, slots = batch["rows"], batch["slots"]
+        width = max(max(h.out_features for h in heads), int(slots.max()) + 1)
+        packed = pooled.new_full((len(heads), width), float("-inf"), dtype=torch.float32)
+        for head in {id(h): h for h in heads}.values():
+            mine = torch.tensor([heads[int(r)] is head for r in rows], device=rows.device)
+            logits = head(pooled[mine]).float()
+            if logits.shape[1] > 1:
+                packed[rows[mine], : logits.shape[1]] = logits
+            else:
+                packed[rows[mine], slots[mine]] = logits[:, 0]
         return packed
 
     def loss(self, prompt: Tensor | None, head: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import Backbone, Features, _pad
+from continual_rpt.backbones.base import Backbone, Features, RowPrompts, _pad, prompt_block
 from continual_rpt.tasks import Example, Task
 
 
@@ -63,20 +63,27 @@ class Seq2SeqBackbone(Backbone):
         }
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def _inputs(self, prompt: Tensor | None, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _inputs(self, prompt: Tensor | RowPrompts | None, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        # T5's positions are relative, so masked prompt slots in front of a shorter prompt change nothing.
         embeds, mask = self.embeddings(batch["input_ids"]), batch["attention_mask"]  # [B, T, d]
         if prompt is None:
             return embeds, mask
-        b, n = embeds.shape[0], prompt.shape[0]
-        p = prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
-        return torch.cat([p, embeds], dim=1), torch.cat([mask.new_ones(b, n), mask], dim=1)  # [B, n + T, d]
+        p, prompt_mask = prompt_block(prompt, torch.arange(embeds.shape[0], device=embeds.device), embeds.dtype)
+        return torch.cat([p, embeds], dim=1), torch.cat([prompt_mask, mask], dim=1)  # [B, n + T, d]
+
+    def input_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Mean encoder output over each source's tokens, without a prompt."""
+        mask = batch["attention_mask"]
+        hidden = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * weights).sum(1) / weights.sum(1)).float()
 
     def loss(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
         """Teacher-forced token cross-entropy of the gold target."""
         embeds, mask = self._inputs(prompt, batch)
         return self.model(inputs_embeds=embeds, attention_mask=mask, labels=batch["gold_labels"]).loss
 
-    def scores(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
+    def scores(self, prompt: Tensor | RowPrompts | None, head: nn.Module | list | None, batch: dict[str, Tensor]) -> Tensor:
         """Summed log-likelihood of every candidate, [B, C], -inf where an example has fewer."""
         embeds, mask = self._inputs(prompt, batch)
         encoded = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

@@ -24,6 +24,7 @@ from continual_rpt import __version__
 from continual_rpt.backbones import Backbone, BackboneConfig
 from continual_rpt.bank import Entry, PromptBank
 from continual_rpt.learner import TrainedTask
+from continual_rpt.routing import route_state
 from continual_rpt.streams import SECTIONS, Stream, TaskSpec
 from continual_rpt.tasks import Example, Task, TaskData
 
@@ -66,4 +67,11 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "skipped_rows": data.skipped,  # rows dropped because their label names no class, per file
     }
     config = {"backbone": dataclasses.asdict(backbone_cfg), **{s: dataclasses.asdict(getattr(spec, s)) for s in SECTIONS}}
-    return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history})
+    head = None
+    if trained.head is not None:
+        head = backbone.new_head(data.task)
+        head.load_state_dict(trained.head)
+    cfg = spec.train
+    prompt = None if trained.prompt is None else trained.prompt.to(backbone.device)
+    route = route_state(backbone, data.train, data.dev, prompt, head, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
+    return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history}, route)

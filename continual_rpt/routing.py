@@ -1,0 +1,240 @@
+"""Routing: which bank entry answers an input whose task is not given.
+
+When a task is learned its entry also stores `route.safetensors`, computed from the task's
+training inputs on the frozen backbone without any prompt (`Backbone.input_features`):
+    mean [d], variance [d]      of the inputs' features
+    basis [k, d], spread [k]    the k leading principal directions and the variance along each
+    count [1]                   how many inputs were summarised
+    temperature [1]             the entry's softmax temperature, fit on its dev split (confidence router)
+A router is a pure function of the stored states of the entries it is given, so learning task j
+never changes how earlier inputs are routed except by j competing with them. Routing reads
+inputs only, never labels.
+
+Routers:
+    mahalanobis  nearest task mean under one covariance shared by the tasks: the count-weighted mean of
+                 each task's low-rank-plus-diagonal covariance, shrunk towards its mean variance
+    prototype    nearest task mean by cosine similarity
+    confidence   every entry answers with its own prompt and head; the one most sure of its answer
+                 (temperature-scaled, normalised for its number of options) wins: one forward pass per entry
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from continual_rpt.backbones import Backbone, Features
+from continual_rpt.bank import BankError, PromptBank
+from continual_rpt.evaluation import autocast, bank_option_scores, length_batches, option_scores, predict_from_bank
+from continual_rpt.tasks import Example
+
+ROUTERS = ("mahalanobis", "prototype", "confidence")
+RANK = 8  # principal directions kept per task; the rest of its variance is kept per coordinate
+SHRINKAGE = 0.1  # weight of the isotropic part in the shared covariance (d = 384 features, a few hundred inputs per task)
+MAX_INPUTS = 2000  # training inputs summarised per task (a seeded subset beyond that)
+TEMPERATURES = tuple(10 ** (k / 10) for k in range(-10, 16))  # 0.1 … 31.6, log-spaced
+
+
+@torch.no_grad()
+def input_features(backbone: Backbone, features: list[Features], batch_size: int = 64, bf16: bool = True) -> Tensor:
+    """The prompt-free feature vector of every featurized example, [N, d] fp32, in input order."""
+    out = torch.empty(len(features), backbone.width)
+    for batch_ids in length_batches(features, batch_size):
+        batch = backbone.collate([features[i] for i in batch_ids])
+        with autocast(backbone, bf16):
+            out[batch_ids] = backbone.input_features(batch).float().cpu()
+    return out
+
+
+def summarize_inputs(x: Tensor, rank: int = RANK) -> dict[str, Tensor]:
+    """Mean, per-coordinate variance and the leading principal directions of a task's input features."""
+    x = x.double()
+    n = x.shape[0]
+    mean = x.mean(0)
+    centred = x - mean
+    k = max(0, min(rank, n - 1))
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    denominator = max(n - 1, 1)
+    return {"mean": mean.float(), "variance": (centred.pow(2).sum(0) / denominator).float(),
+            "basis": vh[:k].float().contiguous(), "spread": (s[:k] ** 2 / denominator).float(),
+            "count": torch.tensor([float(n)])}
+
+
+def fit_temperature(scores: list[Tensor], labels: list[int]) -> float:
+    """The temperature (from a log-spaced grid) that minimises the dev negative log-likelihood."""
+    def nll(t: float) -> float:
+        return -sum(float((s / t).log_softmax(-1)[y]) for s, y in zip(scores, labels)) / len(labels)
+
+    return min(TEMPERATURES, key=nll) if scores else 1.0
+
+
+def route_state(backbone: Backbone, train: list[Example], dev: list[Example], prompt: Tensor | None, head, max_length: int,
+                seed: int, batch_size: int = 64, bf16: bool = True) -> dict[str, Tensor]:
+    """What routing needs of one task: its input summary (training inputs, no prompt) and its dev temperature."""
+    if len(train) > MAX_INPUTS:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:MAX_INPUTS]
+        train = [train[i] for i in sorted(order.tolist())]
+    state = summarize_inputs(input_features(backbone, backbone.featurize(train, max_length), batch_size, bf16))
+    n_tokens = 0 if prompt is None else prompt.shape[0]
+    labelled = [ex for ex in dev if ex.label >= 0]
+    if not labelled:
+        return {**state, "temperature": torch.tensor([1.0])}
+    scores = option_scores(backbone, prompt, head, backbone.featurize(labelled, max_length - n_tokens), batch_size, bf16)
+    state["temperature"] = torch.tensor([fit_temperature(scores, [ex.label for ex in labelled])])
+    return state
+
+
+def shared_precision(states: list[dict[str, Tensor]]) -> Tensor:
+    """Inverse of the count-weighted mean of the tasks' covariances (low rank + diagonal), shrunk."""
+    d = states[0]["mean"].shape[0]
+    total = sum(float(s["count"]) for s in states)
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for s in states:
+        basis, spread = s["basis"].double(), s["spread"].double()
+        low_rank = basis.T @ torch.diag(spread) @ basis
+        rest = (s["variance"].double() - low_rank.diagonal()).clamp_min(0)
+        cov += float(s["count"]) / total * (low_rank + torch.diag(rest))
+    average = cov.diagonal().mean().clamp_min(1e-12)
+    cov = (1 - SHRINKAGE) * cov + SHRINKAGE * average * torch.eye(d, dtype=torch.float64)
+    return torch.linalg.inv(cov)
+
+
+def route_features(x: Tensor, states: list[dict[str, Tensor]], router: str, allowed: Tensor | None = None) -> tuple[list[int], list[float]]:
+    """Index of the chosen state for every feature row, and its routing score (posterior, or cosine).
+
+    `allowed` [N, T] (bool) leaves out the states an example cannot go to (an entry that cannot read it).
+    """
+    means = torch.stack([s["mean"] for s in states]).double()  # [T, d]
+    x = x.double()
+    allowed = torch.ones(x.shape[0], len(states), dtype=torch.bool) if allowed is None else allowed
+    if router == "prototype":
+        similarity = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+        best = similarity.masked_fill(~allowed, float("-inf")).max(1)
+        return best.indices.tolist(), best.values.tolist()
+    if router != "mahalanobis":
+        raise ValueError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
+    precision = shared_precision(states)
+    diff = x.unsqueeze(1) - means.unsqueeze(0)  # [N, T, d]
+    distance = torch.einsum("ntd,de,nte->nt", diff, precision, diff).masked_fill(~allowed, float("inf"))
+    posterior = (-distance / 2).softmax(1)  # equal priors, one shared Gaussian shape
+    best = posterior.max(1)
+    return best.indices.tolist(), best.values.tolist()
+
+
+def confidence(scores: Tensor, temperature: float) -> float:
+    """How sure an answer is, 0 (uniform over its options) to 1 (certain), after temperature scaling."""
+    finite = scores[torch.isfinite(scores)]
+    options = finite.numel()
+    if options < 2:
+        return 0.0
+    top = float((finite / temperature).softmax(-1).max())
+    return (top - 1 / options) / (1 - 1 / options)
+
+
+def can_answer(kind: str, example: Example) -> bool:
+    """Whether a task of `kind` can score `example`: classification reads one pair, a choice task any number."""
+    return kind == "choice" or len(example.pairs) == 1
+
+
+@dataclass
+class Routed:
+    """One example routed: the entry chosen, how sure the router is, and that entry's answer."""
+
+    task: str
+    routing_score: float
+    index: int
+
+
+def routable(bank: PromptBank, names: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The entries (of `names`, default all) that hold route state, and those that do not (made before routing existed)."""
+    names = bank.tasks() if names is None else names
+    fingerprints = {}
+    with_state, without = [], []
+    for name in names:
+        entry = bank.get(name)
+        fingerprints[name] = entry.meta.get("backbone", {}).get("fingerprint")
+        (with_state if entry.route is not None else without).append(name)
+    if len(set(fingerprints.values())) > 1:
+        first = names[0]
+        other = next(n for n in names if fingerprints[n] != fingerprints[first])
+        raise BankError(f"{bank.path}: entries {first!r} and {other!r} were made on different backbones; "
+                        "a router compares their inputs on one backbone, so this bank cannot be routed (give --task)")
+    return with_state, without
+
+
+def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router: str = "mahalanobis",
+          names: list[str] | None = None, max_length: int = 256) -> list[Routed]:
+    """Route every example to one of the bank's entries (default all of them) and answer it with that entry."""
+    names, skipped = routable(bank, names)
+    if not names:
+        raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
+                        "give the task with --task")
+    entries = {name: bank.get(name) for name in names}
+    allowed = torch.tensor([[can_answer(entries[n].meta.get("kind"), ex) for n in names] for ex in examples], dtype=torch.bool)
+    unanswerable = (~allowed.any(1)).nonzero().flatten().tolist()
+    if unanswerable:
+        raise BankError(f"example {examples[unanswerable[0]].uid!r}: no entry of {bank.path} can read it "
+                        f"({len(examples[unanswerable[0]].pairs)} text pairs; entries: {', '.join(names)})")
+    if router == "confidence":  # every entry answers every example it can read: all in one stream of mixed batches
+        pairs = allowed.nonzero().tolist()
+        scored = bank_option_scores(bank, [examples[i] for i, _ in pairs], [names[t] for _, t in pairs], backbone)
+        best: dict[int, tuple[float, int, int]] = {}
+        for (i, t), s in zip(pairs, scored):
+            sure = confidence(s, float(entries[names[t]].route["temperature"]))
+            if i not in best or sure > best[i][0]:
+                best[i] = (sure, t, int(s.argmax()))
+        return [Routed(names[best[i][1]], best[i][0], best[i][2]) for i in range(len(examples))]
+    x = input_features(backbone, backbone.featurize(examples, max_length))
+    indices, scores = route_features(x, [entries[n].route for n in names], router, allowed)
+    answers = bank_option_scores(bank, examples, [names[t] for t in indices], backbone)  # tasks mixed in every batch
+    return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
+
+
+def state_bytes(state: dict[str, Tensor]) -> int:
+    """Bytes of a route state's tensors (fp32), without the safetensors header."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+
+def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
+                     cache: dict[str, Tensor], max_length: int, router: str = "mahalanobis") -> tuple[dict, dict] | None:
+    """Every seen task's test score when each example is routed among the entries of `names` (None if one cannot be).
+
+    `aware` holds each task's task-aware predictions, reused where an example is routed home; `cache`
+    keeps the test inputs' features (the backbone is frozen, so they never change). An example routed
+    to another entry gets that entry's answer, scored as the same label where both tasks name it
+    (Amazon and Yelp share theirs) and as a wrong answer otherwise. Returns (scores, confusion).
+    """
+    if not all(name in bank for name in names):
+        return None  # a strategy that writes its entries only at the end of the stream
+    entries = {name: bank.get(name) for name in names}
+    if any(e.route is None for e in entries.values()):
+        return None
+    states = [entries[n].route for n in names]
+    scores, confusion = {}, {}
+    for name in names:
+        d = data[name]
+        if name not in cache:
+            cache[name] = input_features(backbone, backbone.featurize(d.test, max_length))
+        allowed = torch.tensor([[can_answer(entries[n].meta["kind"], ex) for n in names] for ex in d.test], dtype=torch.bool)
+        routed, _ = route_features(cache[name], states, router, allowed)
+        predictions = list(aware[name])
+        for t, other in enumerate(names):
+            mine = [i for i, k in enumerate(routed) if k == t]
+            if other == name or not mine:
+                continue
+            answers = predict_from_bank(bank, other, [d.test[i] for i in mine], backbone)
+            other_labels = entries[other].meta["label_names"]
+            for i, answer in zip(mine, answers):
+                ex = d.test[i]
+                same = d.task.kind == "classification" and entries[other].meta["kind"] == "classification"
+                if same and other_labels[answer] in d.task.label_names:
+                    predictions[i] = d.task.label_names.index(other_labels[answer])
+                else:  # an answer in another task's terms is wrong here: the option after the gold one
+                    options = len(d.task.label_names) if d.task.kind == "classification" else len(ex.candidates)
+                    predictions[i] = (ex.label + 1) % options
+        scores[name] = d.task.score(d.test, predictions)
+        confusion[name] = {other: routed.count(t) for t, other in enumerate(names)}
+    return scores, confusion
