@@ -61,6 +61,16 @@ def finished(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r["test_score"] is not None]
 
 
+def lengths_of(runs: list[dict]) -> tuple[str, ...]:
+    """The prompt-length variants (n2, n10, n100) the methods grid ran."""
+    return tuple(v for v in ("n2", "n10", "n100") if any(r.get("variant") == v for r in runs))
+
+
+def methods_of(runs: list[dict], methods: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of `methods` the grid ran."""
+    return tuple(m for m in methods if any(r["method"] == m for r in runs))
+
+
 def tasks_of(runs: list[dict]) -> list[str]:
     """Task names in first-seen order."""
     return list(dict.fromkeys(r["task"] for r in runs))
@@ -188,17 +198,20 @@ def methods_and_length(out: Path, runs: list[dict]) -> list[str]:
     """Claims 1 and 2: rpt vs pt vs pt-mlp at n = 2, 10, 100."""
     if not runs:
         return ["## Claims 1–2: methods and prompt length", "", "Not run yet.", ""]
-    tasks, lengths, methods = tasks_of(runs), ("n2", "n10", "n100"), ("rpt", "pt", "pt-mlp")
-    rows = [("head-only control", "head", "")] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods]
+    tasks, lengths, methods = tasks_of(runs), lengths_of(runs), methods_of(runs, ("rpt", "pt", "pt-mlp"))
+    probe = [("linear probe control", "linear-probe", "")] * any(r["method"] == "linear-probe" for r in runs)
+    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods]
     pairs = [(f"rpt − pt at n={v[1:]}", ("rpt", v), ("pt", v)) for v in lengths]
-    pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths]
-    pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100")),
-              ("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
+    pairs += [(f"rpt at n={v[1:]} − linear probe", ("rpt", v), ("linear-probe", "")) for v in lengths if probe]
+    pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths if "pt-mlp" in methods]
+    pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100"))] * ("n100" in lengths)
+    pairs += [("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
               ("pt at n=10 − head-only", ("pt", "n10"), ("head", ""))]
     series = {m: [average(runs, m, v, tasks) for v in lengths] for m in methods}
     head = average(runs, "head", "", tasks)
-    line_plot(out / "prompt_length.png", "Prompt length (claims 1–2)", "prompt tokens n", [2, 10, 100], series, head)
-    return section(out, "methods_length", "Claims 1–2: rpt vs pt vs pt-mlp, prompt length n ∈ {2, 10, 100}",
+    line_plot(out / "prompt_length.png", "Prompt length (claims 1–2)", "prompt tokens n", [int(v[1:]) for v in lengths], series, head)
+    n_values = ", ".join(v[1:] for v in lengths)
+    return section(out, "methods_length", f"Claims 1–2: {' vs '.join(methods)}, prompt length n ∈ {{{n_values}}}",
                    runs, rows, ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks)])
 
 
@@ -294,7 +307,7 @@ def convergence(out: Path, runs: list[dict]) -> list[str]:
     """Claim 6: dev score and training loss against training steps (the methods grid evaluates every 10 steps)."""
     if not runs:
         return ["## Claim 6: convergence", "", "Not run yet.", ""]
-    tasks, lengths, methods = tasks_of(runs), ("n2", "n10", "n100"), ("head", "rpt", "pt", "pt-mlp")
+    tasks, lengths, methods = tasks_of(runs), lengths_of(runs), methods_of(runs, ("head", "rpt", "pt", "pt-mlp"))
 
     def runs_of(task: str, method: str, variant: str) -> list[dict]:
         return [r for r in finished(select(runs, method, "" if method == "head" else variant)) if r["task"] == task]
@@ -321,7 +334,7 @@ def convergence(out: Path, runs: list[dict]) -> list[str]:
     lines = ["| task | n | method | dev curve mean | step of best dev | final training loss | seeds |", "|---|---|---|---|---|---|---|"]
     csv_lines = ["task,n,method,dev_curve_mean,dev_curve_std,best_step_mean,best_step_std,final_loss_mean,final_loss_std,seeds"]
     for task in tasks:
-        for method, variant in [("head", "")] + [(m, v) for v in lengths for m in methods[1:]]:
+        for method, variant in [("head", "")] * ("head" in methods) + [(m, v) for v in lengths for m in methods if m != "head"]:
             if not (mine := runs_of(task, method, variant)):
                 continue
             auc = mean_std([statistics.mean(h["dev_score"] for h in r["history"] if h["dev_score"] is not None) for r in mine])
@@ -332,11 +345,13 @@ def convergence(out: Path, runs: list[dict]) -> list[str]:
             csv_lines.append(f"{task},{variant[1:]},{method},{auc[0]:.2f},{auc[1]:.2f},{best[0]:.1f},{best[1]:.1f},"
                              f"{loss[0]:.4f},{loss[1]:.4f},{len(mine)}")
     (out / "convergence.csv").write_text("\n".join(csv_lines) + "\n")
-    return ["## Claim 6: convergence (dev every 10 steps, no early stopping in this grid)", "",
+    patience = sorted({r.get("train_config", {}).get("patience", 0) for r in runs})
+    stopping = "no early stopping" if patience == [0] else f"early stopping after {'/'.join(map(str, patience))} evaluations without improvement"
+    return [f"## Claim 6: convergence (dev every 10 steps, {stopping})", "",
             "Plots: `convergence.png` (dev score), `convergence_loss.png` (training loss).", "", *lines, "",
             "Dev curve mean: the dev score averaged over all evaluations of a run (the area under the curve "
-            "divided by its length): higher means it got good sooner and stayed there. The dev halves are "
-            "small (CB 28, COPA 50 examples), so the training loss is the steadier signal.", ""]
+            "divided by its length): higher means it got good sooner and stayed there. Where the dev halves are "
+            "small (CB 28, COPA 50 examples), the training loss is the steadier signal.", ""]
 
 
 def init_scale(out: Path, seeds: list[int], name: str = "embedded") -> list[str]:
@@ -377,8 +392,8 @@ def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs}) or [0, 1, 2]
     threads = sorted({r.get("torch_threads", "unrecorded") for rs in runs.values() for r in rs}, key=str)
     text = ["# The paper's claims at CPU scale", "",
-            "Embedded all-MiniLM-L6-v2 (frozen), official SuperGLUE files; dev = first half of the validation "
-            "set shuffled with seed 42 (early stopping only), test = second half (reported). "
+            f"Embedded all-MiniLM-L6-v2 (frozen); tasks {', '.join(sorted({r['task'] for rs in runs.values() for r in rs}))}; "
+            "dev = one seeded half of each task's validation set (early stopping only), test = the other half (reported). "
             "Test-half scores in percent, mean ± sample std over seeds. Paired differences pair runs of one seed.", "",
             *methods_and_length(out, runs["methods"]), *learning_rate(out, runs["lr"]), *initialisation(out, runs["init"]),
             *design(out, runs["design"], init_scale(out, seeds, backbone)), *few_shot(out, runs["fewshot"]),

@@ -20,7 +20,10 @@ for seed in $seeds; do
       --out "$run" --no-progress $resume | tail -n 12
   done
 done
-crpt compare "$out"/runs/* --out "$out/report"
+# Runs in method order, so differences.md gives each method's paired difference from the first (rpt).
+runs=()
+for method in $methods; do for seed in $seeds; do runs+=("$out/runs/$method-$seed"); done; done
+crpt compare "${runs[@]}" --out "$out/report"
 python - "$out/report/environment.json" "$seeds" "$methods" <<'PY'
 import json, platform, sys, time
 import sklearn, torch, transformers

@@ -46,8 +46,8 @@ def grid_runs(spec: dict) -> list[tuple[str, str, str, int]]:
     variants = spec.get("variants", {})
     data_variants = [v for v, override in variants.items() if "data" in override] or [""]
     runs = []
-    for task in spec["tasks"]:
-        for seed in spec["seeds"]:
+    for seed in spec["seeds"]:  # seed-major: a grid cut short still has every task of its first seeds
+        for task in spec["tasks"]:
             runs += [(task, v, method, seed) for v in data_variants for method in spec.get("controls", [])]
             runs += [(task, v, method, seed) for v in (list(variants) or [""]) for method in spec["methods"]]
     return runs
