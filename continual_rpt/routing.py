@@ -1,9 +1,10 @@
 """Routing: which bank entry answers an input whose task is not given.
 
 When a task is learned its entry also stores `route.safetensors`, computed from the task's
-training inputs on the frozen backbone without any prompt (`Backbone.input_features`):
-    mean [d], variance [d]      of the inputs' features
-    basis [k, d], spread [k]    the k leading principal directions and the variance along each
+training inputs on the frozen backbone without any prompt (`Backbone.input_features`: the pooled
+output, the states of the first tokens and the log length of each segment, D = 2d + 2 on an encoder):
+    mean [D], variance [D]      of the inputs' features
+    basis [k, D], spread [k]    the k leading principal directions and the variance along each
     count [1]                   how many inputs were summarised
     temperature [1]             the entry's softmax temperature, fit on its dev split (confidence router)
 A router is a pure function of the stored states of the entries it is given, so learning task j
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.bank import BankError, PromptBank
+from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
 from continual_rpt.evaluation import autocast, bank_option_scores, length_batches, option_scores, predict_from_bank
 from continual_rpt.tasks import Example
 
@@ -40,12 +41,14 @@ TEMPERATURES = tuple(10 ** (k / 10) for k in range(-10, 16))  # 0.1 … 31.6, lo
 @torch.no_grad()
 def input_features(backbone: Backbone, features: list[Features], batch_size: int = 64, bf16: bool = True) -> Tensor:
     """The prompt-free feature vector of every featurized example, [N, d] fp32, in input order."""
-    out = torch.empty(len(features), backbone.width)
+    out: list[Tensor] = [torch.empty(0)] * len(features)
     for batch_ids in length_batches(features, batch_size):
         batch = backbone.collate([features[i] for i in batch_ids])
         with autocast(backbone, bf16):
-            out[batch_ids] = backbone.input_features(batch).float().cpu()
-    return out
+            x = backbone.input_features(batch).float().cpu()
+        for local, i in enumerate(batch_ids):
+            out[i] = x[local]
+    return torch.stack(out)
 
 
 def summarize_inputs(x: Tensor, rank: int = RANK) -> dict[str, Tensor]:
@@ -134,8 +137,17 @@ def confidence(scores: Tensor, temperature: float) -> float:
 
 
 def can_answer(kind: str, example: Example) -> bool:
-    """Whether a task of `kind` can score `example`: classification reads one pair, a choice task any number."""
-    return kind == "choice" or len(example.pairs) == 1
+    """Whether a task of `kind` can score `example`: classification reads one pair, a choice task two or more."""
+    return len(example.pairs) >= 2 if kind == "choice" else len(example.pairs) == 1
+
+
+def answerable(kinds: list[str], examples: list[Example]) -> Tensor:
+    """[N, T] which entries (of task kinds `kinds`) can score each example; a choice entry may take a one-candidate row no other can."""
+    allowed = torch.tensor([[can_answer(kind, ex) for kind in kinds] for ex in examples], dtype=torch.bool)
+    choice = torch.tensor([kind == "choice" for kind in kinds], dtype=torch.bool)
+    orphans = ~allowed.any(1)
+    allowed[orphans] = choice & torch.tensor([len(ex.pairs) == 1 for ex in examples], dtype=torch.bool)[orphans].unsqueeze(1)
+    return allowed
 
 
 @dataclass
@@ -172,7 +184,7 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
         raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
                         "give the task with --task")
     entries = {name: bank.get(name) for name in names}
-    allowed = torch.tensor([[can_answer(entries[n].meta.get("kind"), ex) for n in names] for ex in examples], dtype=torch.bool)
+    allowed = answerable([entries[n].meta.get("kind") for n in names], examples)
     unanswerable = (~allowed.any(1)).nonzero().flatten().tolist()
     if unanswerable:
         raise BankError(f"example {examples[unanswerable[0]].uid!r}: no entry of {bank.path} can read it "
@@ -187,6 +199,10 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
                 best[i] = (sure, t, int(s.argmax()))
         return [Routed(names[best[i][1]], best[i][0], best[i][2]) for i in range(len(examples))]
     x = input_features(backbone, backbone.featurize(examples, max_length))
+    for name in names:  # a state summarises other features than this backbone computes (another library version)
+        if entries[name].route["mean"].shape[0] != x.shape[1]:
+            raise BankError(f"{bank.path / name / ROUTE_FILE}: route state of {entries[name].route['mean'].shape[0]} features, "
+                            f"this backbone's inputs have {x.shape[1]}; the entry was made by another version")
     indices, scores = route_features(x, [entries[n].route for n in names], router, allowed)
     answers = bank_option_scores(bank, examples, [names[t] for t in indices], backbone)  # tasks mixed in every batch
     return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
@@ -218,7 +234,7 @@ def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: B
         d = data[name]
         if name not in cache:
             cache[name] = input_features(backbone, backbone.featurize(d.test, max_length))
-        allowed = torch.tensor([[can_answer(entries[n].meta["kind"], ex) for n in names] for ex in d.test], dtype=torch.bool)
+        allowed = answerable([entries[n].meta["kind"] for n in names], d.test)
         routed, _ = route_features(cache[name], states, router, allowed)
         predictions = list(aware[name])
         for t, other in enumerate(names):

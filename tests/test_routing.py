@@ -13,13 +13,13 @@ from continual_rpt.backbones import load_backbone
 from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import predict_from_bank
-from continual_rpt.routing import (confidence, fit_temperature, input_features, route, route_features, shared_precision,
+from continual_rpt.routing import (answerable, confidence, fit_temperature, input_features, route, route_features, shared_precision,
                                    summarize_inputs)
 from continual_rpt.report import compare
 from continual_rpt.run import run_stream
 from continual_rpt.strategies import make_strategy
 from continual_rpt.streams import load_data, load_stream
-from continual_rpt.tasks import load_task_data
+from continual_rpt.tasks import Example, load_task_data
 
 
 def test_summary_of_inputs_by_hand():
@@ -45,6 +45,14 @@ def test_mahalanobis_uses_the_shared_shape_where_the_nearest_mean_does_not():
         route_features(point, [a, b], "nearest")
 
 
+def test_which_entries_can_score_a_row():
+    one, two = Example("a", (("x", "y"),), "", (), 0), Example("b", (("x", "y"), ("x", "z")), "", ("y", "z"), 0)
+    lone = Example("c", (("x", "y"),), "", ("y",), 0)  # a choice row with one candidate
+    kinds = ["classification", "choice"]
+    assert answerable(kinds, [one, two]).tolist() == [[True, False], [False, True]]
+    assert answerable(["choice"], [lone]).tolist() == [[True]]  # no classification entry to take it: the choice entry may
+
+
 def test_temperature_and_confidence_by_hand():
     scores = [torch.tensor([4.0, 0.0])] * 3 + [torch.tensor([0.0, 4.0])]  # right 3 times in 4: overconfident at T=1
     assert fit_temperature(scores, [0, 0, 0, 0]) > 1
@@ -54,7 +62,7 @@ def test_temperature_and_confidence_by_hand():
 
 def test_the_embedded_backbone_routes_superglue_inputs_by_their_statistics(superglue_dir):
     # Quality, not plumbing: states from 64 training inputs per task route held-out inputs of five tasks
-    # (measured: 92% by Mahalanobis, 83% by nearest mean; CB and RTE, both premise/hypothesis NLI, take most errors).
+    # (measured: 95% by Mahalanobis, 88% by nearest mean).
     backbone = load_backbone("embedded", "auto", "cpu")
     states, tests = [], []
     for name in ["CB", "COPA", "RTE", "WiC", "WSC"]:
@@ -63,7 +71,7 @@ def test_the_embedded_backbone_routes_superglue_inputs_by_their_statistics(super
         tests.append(input_features(backbone, backbone.featurize(data.test[:40], 128), bf16=False))
     accuracy = {router: sum(route_features(x, states, router)[0].count(t) for t, x in enumerate(tests)) / sum(map(len, tests))
                 for router in ("mahalanobis", "prototype")}
-    assert accuracy["mahalanobis"] >= 0.88 and accuracy["mahalanobis"] > accuracy["prototype"] >= 0.75
+    assert accuracy["mahalanobis"] >= 0.93 and accuracy["mahalanobis"] > accuracy["prototype"] >= 0.85
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +82,12 @@ def routed_run(tmp_path_factory, tiny_bert_dir, superglue_dir):
     return stream, tmp / "run" / "bank"
 
 
-def test_every_entry_stores_route_state_of_the_backbones_width(routed_run):
+def test_every_entry_stores_route_state_of_the_backbones_input_features(routed_run):
     _, bank_dir = routed_run
     bank = PromptBank.open(bank_dir)
     for name in bank.tasks():
-        route = bank.get(name).route
-        assert route["mean"].shape == (32,) and route["basis"].shape[1] == 32 and float(route["temperature"]) > 0
+        route = bank.get(name).route  # pooled output, first tokens' states (d = 32 each), log length of 2 segments
+        assert route["mean"].shape == (66,) and route["basis"].shape[1] == 66 and float(route["temperature"]) > 0
         assert (bank_dir / name / ROUTE_FILE).is_file()
 
 

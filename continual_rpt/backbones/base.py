@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from continual_rpt.tasks import Example, Task
 
 ATTENTIONS = ("auto", "sdpa", "eager")
+FORMAT_TOKENS = 3  # leading tokens whose states describe an input's form, in the routing features
 _NOT_ORDINARY = re.compile(r"^\[.*\]$|^<.*>$")  # [unused12], [CLS], <extra_id_0>, </s>
 
 
@@ -119,7 +120,7 @@ class Backbone(ABC):
 
     @abstractmethod
     def input_features(self, batch: dict[str, Tensor]) -> Tensor:
-        """Each example's pooled representation without any prompt, [B, d] fp32 (what routing compares)."""
+        """Each example's features without any prompt, [B, D] fp32: what routing compares (D is the family's)."""
 
     def use_attention_for(self, bf16: bool) -> None:
         """Pick the attention kernel for this precision (only encoders switch; see EncoderBackbone)."""

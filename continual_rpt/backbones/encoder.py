@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import Backbone, Features, RowPrompts, _pad, prompt_block
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block
 from continual_rpt.tasks import Example, Task
 
 POOLINGS = ("cls", "mean")
@@ -78,6 +78,10 @@ class EncoderBackbone(Backbone):
 
     def encode(self, prompt: Tensor | RowPrompts | None, batch: dict[str, Tensor]) -> Tensor:
         """Pooled output [S, d] for the S padded sequences, with the prompt after [CLS]."""
+        return self._pool(*self._hidden(prompt, batch))
+
+    def _hidden(self, prompt: Tensor | RowPrompts | None, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Last hidden states [S, L, d] with the prompt after [CLS], and their attention mask [S, L]."""
         embeds = self.embeddings(batch["input_ids"])  # [S, T, d]
         mask, types = batch["attention_mask"], batch["token_type_ids"]
         positions = None
@@ -91,16 +95,30 @@ class EncoderBackbone(Backbone):
                 padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
                 positions = kept.cumsum(1) - 1 + (0 if padding_idx is None else padding_idx + 1)
         hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions).last_hidden_state
+        return hidden, mask
+
+    def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1)
 
     def input_features(self, batch: dict[str, Tensor]) -> Tensor:
-        """Pooled output without a prompt, averaged over each example's pairs (a choice task has one per choice)."""
-        pooled = self.encode(None, batch).float()
+        """What an input looks like, without a prompt: [pooled output; mean of its first FORMAT_TOKENS tokens;
+        log(1 + tokens) of each segment], [B, 2d + 2], averaged over an example's pairs (one per choice).
+
+        The pooled output says what the text is about; the first tokens and the lengths say what form
+        it takes (a `word:` prefix, a question, a review's length), which tells tasks on one topic apart.
+        """
+        hidden, mask = self._hidden(None, batch)
+        pooled = self._pool(hidden, mask).float()
+        start = mask[:, 1 : 1 + FORMAT_TOKENS].unsqueeze(-1).to(hidden.dtype)  # the first tokens after [CLS]
+        first = ((hidden[:, 1 : 1 + FORMAT_TOKENS] * start).sum(1) / start.sum(1).clamp_min(1)).float()
+        second = batch["token_type_ids"].bool() & mask.bool()
+        lengths = torch.stack([(mask.bool() & ~second).sum(1), second.sum(1)], 1).float().log1p()
+        x = torch.cat([pooled, first, lengths], 1)
         rows, n = batch["rows"], int(batch["labels"].shape[0])
-        sums = pooled.new_zeros(n, pooled.shape[1]).index_add_(0, rows, pooled)
+        sums = x.new_zeros(n, x.shape[1]).index_add_(0, rows, x)
         return sums / torch.bincount(rows, minlength=n).unsqueeze(1).to(sums.dtype)
 
     def scores(self, prompt: Tensor | RowPrompts | None, head: nn.Module | list[nn.Module], batch: dict[str, Tensor]) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import Backbone, Features, RowPrompts, _pad, prompt_block
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block
 from continual_rpt.tasks import Example, Task
 
 
@@ -72,11 +72,14 @@ class Seq2SeqBackbone(Backbone):
         return torch.cat([p, embeds], dim=1), torch.cat([prompt_mask, mask], dim=1)  # [B, n + T, d]
 
     def input_features(self, batch: dict[str, Tensor]) -> Tensor:
-        """Mean encoder output over each source's tokens, without a prompt."""
+        """What a source looks like, without a prompt: [mean encoder output; mean of its first FORMAT_TOKENS
+        tokens; log(1 + tokens)], [B, 2d + 1] (as the encoder family's, with one segment)."""
         mask = batch["attention_mask"]
         hidden = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * weights).sum(1) / weights.sum(1)).float()
+        start = weights[:, :FORMAT_TOKENS]
+        first = (hidden[:, :FORMAT_TOKENS] * start).sum(1) / start.sum(1).clamp_min(1)
+        return torch.cat([(hidden * weights).sum(1) / weights.sum(1), first, mask.sum(1, keepdim=True).to(hidden.dtype).log1p()], 1).float()
 
     def loss(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
         """Teacher-forced token cross-entropy of the gold target."""
