@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
     pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
     pred.add_argument("--device", default="cpu", help="torch device")
+    export = bank_commands.add_parser("export", help="write an entry as a PEFT prompt-tuning adapter (seq2seq, and decoders without BOS)")
+    export.add_argument("bank", type=Path)
+    export.add_argument("task")
+    export.add_argument("--format", default="peft", choices=["peft"], help="adapter format")
+    export.add_argument("--out", required=True, type=Path, help="adapter folder to create")
+    imp = bank_commands.add_parser("import", help="add a PEFT prompt-tuning adapter to a bank as a new entry")
+    imp.add_argument("bank", type=Path, help="bank folder (created if missing)")
+    imp.add_argument("adapter", type=Path, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    imp.add_argument("--task", required=True, help="the SuperGLUE task the adapter answers")
+    imp.add_argument("--name", help="entry name (default: the task's)")
+    imp.add_argument("--data-dir", help="the task's data: its training inputs give the entry route state (default: none, not routed to)")
+    imp.add_argument("--max-length", type=int, default=256, help="longest input, prompt included")
+    imp.add_argument("--backbone", help="base model to load instead of the adapter's base_model_name_or_path (same weights)")
+    imp.add_argument("--device", default="cpu", help="torch device")
     return parser
 
 
@@ -151,10 +165,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
-    """`crpt bank ls|show|predict`."""
+    """`crpt bank ls|show|predict|export|import`."""
     from continual_rpt.bank import PromptBank
 
+    if args.bank_command == "import":
+        return import_adapter(args)
     bank = PromptBank.open(args.bank)
+    if args.bank_command == "export":
+        from continual_rpt.peft_format import export_peft
+
+        export_peft(bank.get(args.task), str(args.bank / args.task), args.out)
+        print(f"wrote {args.out} (PEFT prompt tuning: PeftModel.from_pretrained(base, {str(args.out)!r}))")
+        return 0
     if args.bank_command == "ls":
         print(f"{'task':<16}{'method':<8}{'tokens':>7}{'test':>8}  backbone")
         for name in bank.tasks():
@@ -168,6 +190,27 @@ def cmd_bank(args: argparse.Namespace) -> int:
                          indent=2, sort_keys=True))
         return 0
     return predict_file(bank, args)
+
+
+def import_adapter(args: argparse.Namespace) -> int:
+    """`crpt bank import BANK ADAPTER --task T`: a PEFT prompt-tuning adapter as a new bank entry."""
+    from continual_rpt.backbones import load_backbone
+    from continual_rpt.bank import PromptBank
+    from continual_rpt.peft_format import import_peft, read_peft
+    from continual_rpt.tasks import get_task, load_task_data
+
+    config, _ = read_peft(args.adapter)  # refuse a LoRA or prefix adapter before loading any weights
+    base = args.backbone or config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{args.adapter / 'adapter_config.json'}: no base_model_name_or_path; give --backbone")
+    task = get_task(args.task)
+    data = load_task_data(task.name, args.data_dir, max_train=2000, seed=0) if args.data_dir else None
+    name = args.name or task.name
+    entry = import_peft(args.adapter, task, name, load_backbone(base, "auto", args.device), data, args.max_length)
+    PromptBank.open(args.bank, create=True).add(name, entry)
+    print(f"added {name} to {args.bank} ({entry.prompt.shape[0]} virtual tokens, "
+          f"{'with' if entry.route is not None else 'without'} route state)")
+    return 0
 
 
 def entry_backbone(entry, args: argparse.Namespace):

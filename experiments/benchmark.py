@@ -75,11 +75,12 @@ class Sizes:
     long_n: int = 100  # the long prompt of section 6
     threads: int = 0  # torch threads (0: torch's default)
     t5: tuple = (768, 3072, 12, 12, 64)  # d_model, d_ff, layers, heads, d_kv: T5-Base
+    decoder: tuple = (384, 6, 6)  # GPT-2 width, layers, heads of section 11 (MiniLM-sized)
 
 
 QUICK = Sizes(repeats=2, batch=4, batches=1, max_length=64, matmul=(256, 512), gpu_matmul=(1024,), infer_examples=16,
               padding_cap=300, memory_sides=2, warm_queries=3, long_n=30, threads=1,
-              t5=(64, 128, 2, 4, 16))
+              t5=(64, 128, 2, 4, 16), decoder=(64, 2, 2))
 
 
 # -----------------------------------------------------------------------------
@@ -360,10 +361,10 @@ def peft_model(backbone):
 
         model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(backbone.name), num_labels=2)
         task_type = TaskType.SEQ_CLS
-    else:  # the random T5 of section 8: an identical copy of its weights
+    else:  # the random T5 of section 8 or GPT-2 of section 11: an identical copy of its weights
         model = type(backbone.model)(backbone.model.config)
         model.load_state_dict(backbone.model.state_dict())
-        task_type = TaskType.SEQ_2_SEQ_LM
+        task_type = TaskType.CAUSAL_LM if backbone.family == "decoder" else TaskType.SEQ_2_SEQ_LM
     torch.manual_seed(SEED)
     config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=N_TOKENS, prompt_tuning_init=PromptTuningInit.RANDOM)
     return get_peft_model(model, config).to(backbone.device)
@@ -378,6 +379,14 @@ def peft_side(backbone, model, examples: list, batches: list[list[int]], max_tok
     if backbone.family == "encoder":
         rows = [{**tok(*ex.pairs[0], truncation=True, max_length=max_tokens), "labels": ex.label} for ex in examples]
         collator = DataCollatorWithPadding(tok)
+    elif backbone.family == "decoder":  # the context, then the gold label word; only the label word is scored
+        rows = []
+        for ex in examples:
+            context = tok(ex.source, truncation=True, max_length=max_tokens)["input_ids"]
+            answer = tok(" " + ex.candidates[ex.label], add_special_tokens=False)["input_ids"]
+            rows.append({"input_ids": context + answer, "attention_mask": [1] * (len(context) + len(answer)),
+                         "labels": [-100] * len(context) + answer})
+        collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
     else:
         rows = [{**tok(ex.source, truncation=True, max_length=max_tokens, return_token_type_ids=False),
                  "labels": tok(ex.candidates[ex.label], truncation=True, max_length=max_tokens)["input_ids"]}
@@ -479,7 +488,7 @@ def compare_peft(backbone, sizes: Sizes, args) -> tuple[dict, list[str]]:
            f"at {sizes.max_length - N_TOKENS} tokens on every side (so all sides see the same tokens), AdamW (lr 0.3 on "
            "the prompt, 1e-3 on the head/classifier, eps 1e-8, weight decay 1e-5 on the prompt). peft: "
            "`PromptTuningConfig(SEQ_CLS, num_virtual_tokens=10, RANDOM)` on `AutoModelForSequenceClassification` of the "
-           "same weights (seq2seq LM on T5), run as its docs do: fp32, `model.train()` (dropout on), pre-tokenised "
+           "same weights (seq2seq LM on T5, causal LM on GPT-2), run as its docs do: fp32, `model.train()` (dropout on), pre-tokenised "
            "examples, a padding collator per batch. 'speed vs peft' is the median over repeats of "
            "t(peft)/t(side). Read the rows top-down: random → buckets is bucketing, fp32 → bf16 is autocast, "
            "peft → ours pt fp32 random is the implementation alone, pt → rpt the cost of Φ."]
@@ -758,6 +767,58 @@ def gpu_sections(sizes: Sizes, device: str, args) -> tuple[dict, list[str]]:
 
 
 # -----------------------------------------------------------------------------
+# 11. the decoder-only family
+
+
+def decoder_backbone(sizes: Sizes):
+    """A randomly initialised GPT-2 (speed needs no pretrained weights) with the embedded BERT tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from continual_rpt.backbones import DecoderBackbone
+
+    width, layers, heads = sizes.decoder
+    torch.manual_seed(SEED)
+    config = GPT2Config(vocab_size=30522, n_positions=1024, n_embd=width, n_layer=layers, n_head=heads)
+    return DecoderBackbone(f"random GPT-2 {sizes.decoder}", GPT2LMHeadModel(config), load_backbone("embedded").tokenizer, "cpu")
+
+
+def decoder_section(sizes: Sizes, args) -> tuple[dict, list[str]]:
+    """Training against peft's causal-LM prompt tuning, and the cost of ranking 2 choices against one context forward."""
+    backbone = decoder_backbone(sizes)
+    train, train_md = compare_peft(backbone, sizes, args)
+    copa = train_examples("COPA")[: sizes.infer_examples]
+    prompt = torch.randn(N_TOKENS, backbone.width) * backbone.embedding_norm / math.sqrt(backbone.width)
+    features = backbone.featurize(copa, sizes.max_length - N_TOKENS)
+    batches = buckets(features, sizes.batch)
+
+    def rank(k: int) -> int:  # both candidates of every example, the context's cache reused
+        with torch.no_grad():
+            for ids in batches:
+                backbone.scores(prompt, None, backbone.collate([features[i] for i in ids]))
+        return 0
+
+    def context_only(k: int) -> int:  # one forward over [P; context] alone, the floor any ranking pays
+        with torch.no_grad():
+            for ids in batches:
+                batch = backbone.collate([features[i] for i in ids])
+                embeds, mask = backbone._context(prompt, batch)
+                backbone.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+        return 0
+
+    seconds = alternate({"rank 2 choices": rank, "context forward": context_only}, 1, sizes.repeats, backbone.device)
+    ratio = paired_ratio(seconds["rank 2 choices"], seconds["context forward"])
+    md = [f"Model: {backbone.name} (width, layers, heads), vocabulary 30522, embedded BERT tokenizer, fp32 unless named.", "",
+          "### 11.1 training against peft", "", *train_md, "",
+          "### 11.2 ranking candidates", "",
+          *table(["side", "seconds", "× one context forward"],
+                 [["context forward with P′ (no candidates)", f"{median(seconds['context forward']):.3f}", "1.00×"],
+                  ["rank both COPA choices (context cached)", f"{median(seconds['rank 2 choices']):.3f}", f"{ratio:.2f}×"]]),
+          "", f"{len(copa)} COPA training examples, batch {sizes.batch}, fp32, no grad; the ratio is the median over repeats "
+          "of t(rank)/t(context forward): what scoring the two choices adds to running the context once."]
+    return {"training": train, "ranking_seconds": seconds, "ranking_over_context_forward": ratio}, md
+
+
+# -----------------------------------------------------------------------------
 # the run: environment, sections, and the report
 
 
@@ -791,7 +852,7 @@ TITLES = {
     "4": "Against the peft package", "5": "Cost of Φ during training",
     "6": "Inference with collapsed prompts; prompt length", "7": "Bank query latency",
     "8": "GPU: T5-Base-sized model", "9": "Attention kernel and where a step's time goes",
-    "10": "torch.compile",
+    "10": "torch.compile", "11": "Decoder-only family (random GPT-2, CPU)",
 }
 
 
@@ -874,7 +935,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per section), to check the script")
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated section numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 with --quick, since "
                         "2 threads on 2 cores that another process also uses are ~10x slower than 1)")
@@ -906,7 +967,7 @@ def main() -> None:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(TITLES))
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-10")
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-11")
     backbone = load_backbone("embedded")
     started = time.perf_counter()
     for key in sorted(wanted):
@@ -931,6 +992,8 @@ def main() -> None:
             numbers, md = attention_and_profile(backbone, sizes)
         elif key == "10":
             numbers, md = compile_cost(backbone, sizes)
+        elif key == "11":
+            numbers, md = decoder_section(sizes, args)
         elif args.t5_device != "cuda" or torch.cuda.is_available():
             numbers, md = gpu_sections(sizes, args.t5_device, args)
         else:

@@ -44,15 +44,28 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_t5_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide T5 with random weights (the WordPiece tokenizer stands in for SentencePiece)."""
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+def tiny_t5_dir(tmp_path_factory, superglue_dir) -> Path:
+    """A 2-layer, 32-wide T5 with random weights and a SentencePiece unigram tokenizer (1,000 pieces + 100 sentinels)
+    trained here on SuperGLUE text, loaded by transformers' T5Tokenizer as a real T5 checkpoint's would be."""
+    import io
 
+    import sentencepiece
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-t5")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(_superglue_texts(superglue_dir)), model_writer=model,
+                                             vocab_size=1000, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             character_coverage=1.0, minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                      pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)
-    return _save_tiny(T5ForConditionalGeneration(config), tmp_path_factory.mktemp("tiny-t5"))
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture()
@@ -69,3 +82,59 @@ def tiny_t5(tiny_t5_dir):
     from continual_rpt.backbones import load_backbone
 
     return load_backbone(str(tiny_t5_dir))
+
+
+def _superglue_texts(superglue_dir: Path) -> list[str]:
+    """The text fields of 400 training rows each of CB, RTE, COPA and WiC: what the test tokenizers are trained on."""
+    import json
+
+    texts = []
+    for task in ("CB", "RTE", "COPA", "WiC"):
+        for line in (superglue_dir / task / "train.jsonl").read_text().splitlines()[:400]:
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    return texts
+
+
+def _bpe_tokenizer(superglue_dir: Path, bos: bool):
+    """A byte-level BPE (vocabulary 1,000) trained here on SuperGLUE text: GPT-2's kind, and with `bos` Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = _superglue_texts(superglue_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>", "<s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    extra = {"bos_token": "<s>"} if bos else {"bos_token": "<|endoftext|>"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, superglue_dir) -> Path:
+    """A 2-layer, 32-wide GPT-2 with random weights and a byte-level BPE trained offline (no pad token, no BOS added)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=512, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    _bpe_tokenizer(superglue_dir, bos=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, superglue_dir) -> Path:
+    """A 2-layer, 32-wide Llama (RoPE, grouped KV heads) with random weights and a BPE that starts every text with BOS."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    _bpe_tokenizer(superglue_dir, bos=True).save_pretrained(folder)
+    return folder

@@ -5,6 +5,8 @@ Each family lives in its own module and shares the `Backbone` interface (see `ba
   reads the pooled output; choice tasks score every (context, choice) pair with a one-logit head.
 - seq2seq (T5-style, `seq2seq`): the prompt goes in front of the encoder input; training is
   teacher-forced on the gold target; prediction ranks the candidate strings by log-likelihood.
+- decoder (GPT-2, Llama, Qwen2, Mistral, Gemma; `decoder`): the prompt goes in front of the input
+  (after BOS); candidates are ranked by log-likelihood, continued from the context's cache.
 `FAMILIES` picks the family from the checkpoint's config; anything it does not list is refused
 before any weights load, rather than silently getting an encoder's prompt placement.
 """
@@ -16,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features, RowPrompts
+from continual_rpt.backbones.decoder import DecoderBackbone
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
 from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
 
 __all__ = [
-    "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "EncoderBackbone", "Family",
+    "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "DecoderBackbone", "EncoderBackbone", "Family",
     "Features", "RowPrompts", "Seq2SeqBackbone", "family_for", "load_backbone", "resolve_backbone",
 ]
 
@@ -49,6 +52,7 @@ FAMILIES: dict[str, Family] = {
         encoder_decoder=False,
     ),
     "seq2seq": Family(Seq2SeqBackbone, ("t5", "mt5", "umt5"), encoder_decoder=True),
+    "decoder": Family(DecoderBackbone, ("gpt2", "llama", "qwen2", "mistral", "gemma"), encoder_decoder=False),
 }
 
 
@@ -97,7 +101,7 @@ def family_for(name: str, config) -> type[Backbone]:
     supported = ", ".join(f"{key} ({', '.join(f.model_types)})" for key, f in FAMILIES.items())
     raise ValueError(
         f"backbone {name!r}: model type {model_type!r}{f' ({architectures})' if architectures else ''} is not supported; "
-        f"supported families: {supported}. Decoder-only models are not supported yet."
+        f"supported families: {supported}."
     )
 
 

@@ -163,6 +163,16 @@ class Backbone(ABC):
         return digest.hexdigest()
 
 
+def source_features(examples: list[Example], sources: list[list[int]], targets: list[list[int]]) -> list[Features]:
+    """One source per example and its slice of the flat candidate list `targets` (seq2seq and decoder families)."""
+    features, start = [], 0
+    for ex, src in zip(examples, sources):
+        stop = start + len(ex.candidates)
+        features.append(Features(ids=[src], types=[], targets=targets[start:stop], label=ex.label))
+        start = stop
+    return features
+
+
 def _pad(seqs: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
     """Right-pad `seqs` with `value` into [len(seqs), longest], plus the 0/1 mask of real tokens."""
     width = max(len(s) for s in seqs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block, source_features
 from continual_rpt.tasks import Example, Task
 
 
@@ -39,12 +39,7 @@ class Seq2SeqBackbone(Backbone):
         sources = self.tokenizer([ex.source for ex in examples], truncation=True, max_length=max_tokens)["input_ids"]
         flat = [c for ex in examples for c in ex.candidates]
         targets = self.tokenizer(flat, truncation=True, max_length=max_tokens)["input_ids"] if flat else []
-        features, start = [], 0
-        for ex, src in zip(examples, sources):
-            stop = start + len(ex.candidates)
-            features.append(Features(ids=[src], types=[], targets=targets[start:stop], label=ex.label))
-            start = stop
-        return features
+        return source_features(examples, sources, targets)
 
     def collate(self, batch: list[Features]) -> dict[str, Tensor]:
         """Pad sources, gold targets (for training) and every candidate target (for ranking)."""

@@ -59,7 +59,8 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "kind": data.task.kind,
         "label_names": list(data.task.label_names),
         "backbone": {"name": backbone.name, "family": backbone.family, "width": backbone.width, "fingerprint": backbone.fingerprint,
-                     "pooling": getattr(backbone, "pooling", None)},  # resolved: `auto` is recorded as what it chose
+                     "pooling": getattr(backbone, "pooling", None),  # resolved: `auto` is recorded as what it chose
+                     "bos": getattr(backbone, "bos", None)},  # a decoder's prompt follows BOS where its tokenizer adds one
         "method": spec.prompt.method,
         "prompt_tokens": trained.metrics["prompt_tokens"],
         "dtype": "float32",
