@@ -1,6 +1,6 @@
 """The prompt bank: one inference-only entry per task, keyed by task name.
 
-An entry is a folder: `prompt.safetensors` (key `prompt`, [n, d] fp32), `head.safetensors` where the
+An entry is a folder: `prompt.safetensors` (key `prompt`, [n, d] fp32; [L, n, d] for a deep prompt), `head.safetensors` where the
 backbone has a head, `route.safetensors` (what routing by input needs, see `continual_rpt.routing`;
 absent in entries made before routing existed), `entry.json` (what the entry is: task, labels, backbone fingerprint and width,
 data checksums, version), `config.json` (the resolved configuration that trained it) and
@@ -162,8 +162,11 @@ class Entry:
             raise BankError(f"{where}: entry's head reads {pooling}-pooled outputs, backbone {backbone.name!r} pools by "
                             f"{getattr(backbone, 'pooling', None)}; load it with pooling {pooling}")
         prompt = self.prompt
-        if prompt is not None and (prompt.dim() != 2 or prompt.shape[1] != backbone.width):
-            raise BankError(f"{where}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width})")
+        if prompt is not None and prompt.dim() == 3 and prompt.shape[0] != backbone.depth:
+            raise BankError(f"{where}: deep prompt has {prompt.shape[0]} layers, backbone {backbone.name!r} has {backbone.depth}")
+        if prompt is not None and (prompt.dim() not in (2, 3) or prompt.shape[-1] != backbone.width):
+            raise BankError(f"{where}: prompt has shape {tuple(prompt.shape)}, expected (n, {backbone.width}) "
+                            f"or, deep, ({backbone.depth}, n, {backbone.width})")
 
 
 class PromptBank:

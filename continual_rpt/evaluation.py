@@ -102,7 +102,7 @@ def predict(
     bf16: bool = True,
 ) -> list[int]:
     """Predicted index for every example with a collapsed prompt P′ (and the task's head)."""
-    n_tokens = 0 if prompt is None else prompt.shape[0]
+    n_tokens = 0 if prompt is None else prompt.shape[-2]
     features = backbone.featurize(examples, max_length - n_tokens)
     return predict_features(backbone, prompt, head, features, batch_size, bf16)
 
@@ -138,6 +138,8 @@ def load_answerer(bank: PromptBank, name: str, backbone: Backbone) -> Answerer:
         raise BankError(f"{where}: field 'context' must list other entries of this bank, got {context!r}")
     prompt = entry.prompt
     if context:
+        if prompt.dim() == 3:
+            raise BankError(f"{where}: a deep prompt cannot take Progressive Prompts' context")
         prompt = torch.cat([prompt, stacked_prompts(bank, context)])
     prompt = prompt.to(backbone.device) if prompt is not None else None
     head = None
@@ -164,7 +166,7 @@ def bank_option_scores(bank: PromptBank, examples: list[Example], tasks: list[st
         train = a.entry.config.get("train", {})
         bf16 = bf16 and train.get("bf16", True)
         mine = [i for i, task in enumerate(tasks) if task == name]
-        n_tokens = 0 if a.prompt is None else a.prompt.shape[0]
+        n_tokens = 0 if a.prompt is None else a.prompt.shape[-2]
         for i, f in zip(mine, backbone.featurize([examples[i] for i in mine], train.get("max_length", 256) - n_tokens)):
             features[i] = f
     return mixed_option_scores(backbone, answerers, [names.index(t) for t in tasks], features, batch_size, bf16)

@@ -85,7 +85,7 @@ def build_prompt(backbone: Backbone, cfg: PromptConfig, seed: int) -> ResidualPr
     generator = torch.Generator().manual_seed(seed)
     text_ids = backbone.text_ids(cfg.init_text) if cfg.init == "text" else []
     weights = backbone.embeddings.weight.detach().cpu()
-    init = initial_prompt(cfg, weights, backbone.vocab_ids, text_ids, generator)
+    init = initial_prompt(cfg, weights, backbone.vocab_ids, text_ids, generator, backbone.depth if cfg.deep else 1)
     torch.manual_seed(seed)  # φ's weights
     return ResidualPrompt(cfg, init, backbone.embedding_norm).to(backbone.device)
 
@@ -264,6 +264,8 @@ def _fit(
     if prompt is None and heads[0] is None:
         raise ValueError(f"method 'head' needs an encoder backbone; {backbone.name} is {backbone.family}")
     n_tokens = prompt.cfg.n_tokens if prompt is not None else 0
+    if context is not None and prompt is not None and prompt.cfg.deep:
+        raise ValueError(f"method {prompt.cfg.method}: Progressive Prompts' context takes shallow prompts only")
     in_context = n_tokens + (context.shape[0] if context is not None else 0)
     if cfg.max_length > backbone.max_positions:
         raise ValueError(f"max_length: {cfg.max_length} exceeds the backbone's {backbone.max_positions} positions")

@@ -49,6 +49,8 @@ def export_peft(entry: Entry, where: str, out: Path) -> None:
     task_type = exportable(entry.meta.get("backbone", {}), where)
     if entry.prompt is None:
         raise BankError(f"{where}: the entry has no prompt to export")
+    if entry.prompt.dim() == 3:
+        raise BankError(f"{where}: a deep prompt (one per layer) has no PEFT prompt-tuning equivalent")
     if entry.meta.get("context"):
         raise BankError(f"{where}: a Progressive Prompts entry is answered with earlier entries' prompts too; export those as one")
     if out.exists():

@@ -6,10 +6,20 @@ returns P′ = Φ(P): inference then costs exactly what vanilla prompt tuning co
 
 Methods by name: `rpt` (residual Φ), `pt` (Lester et al., P alone), `pt-mlp` (Φ without skip),
 and `head`, the control with no prompt at all (only an encoder backbone's task head trains).
+
+Deep prompts, `deep-rpt` and `deep-pt`: P holds n vectors for each of the backbone's L layers,
+[L, n, d], and layer l reads P′[l] at the prompt's positions in place of what layer l-1 wrote there
+(the backbones do this with forward pre-hooks, see `backbones.base.deep_prompt_hooks`). One Φ is
+shared by every layer and token: the same per-token map, so its parameters do not grow with L.
+Prompt *states* at every layer rather than key/value prefixes (prefix-tuning, P-tuning v2): the
+collapsed P′ keeps the shallow prompt's form, one vector per token and layer, so Φ, collapse, the
+bank and mixed-task batches treat deep entries as a stack of shallow ones, and it needs no per-model
+cache layout; a prefix would store 2·L·n·d instead of L·n·d.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-METHODS = ("rpt", "pt", "pt-mlp", "head")
+METHODS = ("rpt", "pt", "pt-mlp", "head", "deep-rpt", "deep-pt")
 INITS = ("vocab", "uniform", "text")
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
@@ -26,7 +36,7 @@ ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 class PromptConfig:
     """How the soft prompt is built, initialised and reparameterized."""
 
-    method: str = field(default="rpt", metadata={"help": "rpt (residual Φ), pt (no Φ), pt-mlp (Φ without the skip) or head (no prompt: the head-only control)"})
+    method: str = field(default="rpt", metadata={"help": "rpt (residual Φ), pt (no Φ), pt-mlp (Φ without the skip), head (no prompt: the head-only control), or deep-rpt / deep-pt (a prompt at every layer)"})
     n_tokens: int = field(default=10, metadata={"help": "number of virtual tokens n"})
     init: str = field(default="vocab", metadata={"help": "vocab (sampled vocabulary embeddings), uniform in [-0.5, 0.5], or text"})
     init_text: str = field(default="", metadata={"help": "text whose token embeddings initialise P (init=text), repeated to n tokens"})
@@ -66,7 +76,12 @@ class PromptConfig:
     @property
     def reparameterized(self) -> bool:
         """Whether P goes through Φ (rpt, pt-mlp) or is used as it is (pt)."""
-        return self.method in ("rpt", "pt-mlp")
+        return self.method in ("rpt", "pt-mlp", "deep-rpt")
+
+    @property
+    def deep(self) -> bool:
+        """Whether there is a prompt at every layer (deep-rpt, deep-pt) or at the input only."""
+        return self.method.startswith("deep-")
 
 
 class Reparameterization(nn.Module):
@@ -75,7 +90,7 @@ class Reparameterization(nn.Module):
     def __init__(self, n_nets: int, d: int, cfg: PromptConfig, gain: float = 1.0) -> None:
         super().__init__()
         m = cfg.bottleneck
-        self.skip = cfg.method == "rpt"
+        self.skip = cfg.method in ("rpt", "deep-rpt")
         self.activation = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
         # nn.Linear's default init, one copy per network, so shared and per-token start alike.
@@ -107,10 +122,10 @@ class ResidualPrompt(nn.Module):
 
     def __init__(self, cfg: PromptConfig, init: Tensor, embedding_norm: float | None = None) -> None:
         super().__init__()
-        if init.shape[0] != cfg.n_tokens or init.dim() != 2:
-            raise ValueError(f"initial prompt has shape {tuple(init.shape)}, expected ({cfg.n_tokens}, d)")
+        if init.dim() != (3 if cfg.deep else 2) or init.shape[-2] != cfg.n_tokens:
+            raise ValueError(f"initial prompt has shape {tuple(init.shape)}, expected ({'L, ' if cfg.deep else ''}{cfg.n_tokens}, d)")
         self.cfg = cfg
-        d = init.shape[1]
+        d = init.shape[-1]
         self.prompt = nn.Parameter(init.detach().clone().float())
         gain = 1.0
         if cfg.match_embedding_scale:
@@ -122,8 +137,12 @@ class ResidualPrompt(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self) -> Tensor:
-        """Φ(P): [n, d] in fp32."""
-        x = self.prompt
+        """Φ(P): [n, d] in fp32 ([L, n, d] for a deep prompt, every layer through the same Φ)."""
+        if self.prompt.dim() == 3:
+            return torch.stack([self._phi(layer) for layer in self.prompt])
+        return self._phi(self.prompt)
+
+    def _phi(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
         return x
@@ -142,18 +161,22 @@ class ResidualPrompt(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def stored_parameters(self) -> int:
-        """Parameters kept after collapse: P′ alone, n·d."""
+        """Parameters kept after collapse: P′ alone, n·d (L·n·d deep)."""
         return self.prompt.numel()
 
 
 def initial_prompt(
-    cfg: PromptConfig, embeddings: Tensor, vocab_ids: Tensor, text_ids: list[int], generator: torch.Generator
+    cfg: PromptConfig, embeddings: Tensor, vocab_ids: Tensor, text_ids: list[int], generator: torch.Generator, layers: int = 1
 ) -> Tensor:
-    """Starting values of P, [n, d]: sampled vocabulary rows, uniform noise, or a text's embeddings.
+    """Starting values of P, [n, d] ([layers, n, d] for a deep prompt, each layer drawn anew).
 
-    `vocab_ids` are the ids that `vocab` may sample (ordinary tokens, no special or unused ones);
-    `text_ids` are the token ids of `cfg.init_text` (ignored unless init is `text`).
+    Sampled vocabulary rows, uniform noise, or a text's embeddings. `vocab_ids` are the ids that
+    `vocab` may sample (ordinary tokens, no special or unused ones); `text_ids` are the token ids of
+    `cfg.init_text` (ignored unless init is `text`).
     """
+    if cfg.deep:
+        flat = dataclasses.replace(cfg, method="rpt")
+        return torch.stack([initial_prompt(flat, embeddings, vocab_ids, text_ids, generator) for _ in range(layers)])
     n, d = cfg.n_tokens, embeddings.shape[1]
     if cfg.init == "vocab":
         picks = vocab_ids[torch.randint(len(vocab_ids), (n,), generator=generator)]

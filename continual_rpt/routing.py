@@ -80,7 +80,7 @@ def route_state(backbone: Backbone, train: list[Example], dev: list[Example], pr
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:MAX_INPUTS]
         train = [train[i] for i in sorted(order.tolist())]
     state = summarize_inputs(input_features(backbone, backbone.featurize(train, max_length), batch_size, bf16))
-    n_tokens = 0 if prompt is None else prompt.shape[0]
+    n_tokens = 0 if prompt is None else prompt.shape[-2]
     labelled = [ex for ex in dev if ex.label >= 0]
     if not labelled:
         return {**state, "temperature": torch.tensor([1.0])}

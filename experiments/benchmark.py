@@ -6,7 +6,9 @@
 
 Sections: 1 matmul peak, 2 training throughput and FLOP/s, 3 padding share, 4 against the `peft`
 package, 5 cost of Φ, 6 inference and prompt length, 7 bank query latency, 8 the same on a GPU
-with a T5-Base-sized model, 9 attention kernels and a profile of a step, 10 torch.compile. Each figure is the median over `--repeats`; the sides of a comparison
+with a T5-Base-sized model, 9 attention kernels and a profile of a step, 10 torch.compile, 11 the
+decoder-only family against peft and its candidate ranking, 12 deep prompts against shallow ones.
+Each figure is the median over `--repeats`; the sides of a comparison
 run alternately within each repeat (in a rotating order) so that machine drift hits all of them.
 Results go to `<out>/performance.md` and the raw numbers to `<out>/performance.json`; a partial
 rerun replaces only the sections it ran.
@@ -786,36 +788,75 @@ def decoder_section(sizes: Sizes, args) -> tuple[dict, list[str]]:
     """Training against peft's causal-LM prompt tuning, and the cost of ranking 2 choices against one context forward."""
     backbone = decoder_backbone(sizes)
     train, train_md = compare_peft(backbone, sizes, args)
-    copa = train_examples("COPA")[: sizes.infer_examples]
     prompt = torch.randn(N_TOKENS, backbone.width) * backbone.embedding_norm / math.sqrt(backbone.width)
-    features = backbone.featurize(copa, sizes.max_length - N_TOKENS)
-    batches = buckets(features, sizes.batch)
+    rows, numbers = [], {}
+    for task in ("RTE", "COPA"):  # two label words after the context; two sentence-long choices
+        examples = train_examples(task)[: sizes.infer_examples]
+        features = backbone.featurize(examples, sizes.max_length - N_TOKENS)
+        batches = [backbone.collate([features[i] for i in ids]) for ids in buckets(features, sizes.batch)]
 
-    def rank(k: int) -> int:  # both candidates of every example, the context's cache reused
-        with torch.no_grad():
-            for ids in batches:
-                backbone.scores(prompt, None, backbone.collate([features[i] for i in ids]))
-        return 0
+        def rank(k: int) -> int:  # both candidates of every example, continued from the context's cache
+            with torch.no_grad():
+                for batch in batches:
+                    backbone.scores(prompt, None, batch)
+            return 0
 
-    def context_only(k: int) -> int:  # one forward over [P; context] alone, the floor any ranking pays
-        with torch.no_grad():
-            for ids in batches:
-                batch = backbone.collate([features[i] for i in ids])
-                embeds, mask = backbone._context(prompt, batch)
-                backbone.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
-        return 0
+        def context(k: int, logits: bool) -> int:  # one forward over [P; context] alone: the model's, or its body's
+            with torch.no_grad():
+                for batch in batches:
+                    embeds, mask = backbone._context(prompt, batch)
+                    run = backbone.model if logits else backbone.model.base_model
+                    run(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+            return 0
 
-    seconds = alternate({"rank 2 choices": rank, "context forward": context_only}, 1, sizes.repeats, backbone.device)
-    ratio = paired_ratio(seconds["rank 2 choices"], seconds["context forward"])
+        sides = {"rank": rank, "full": lambda k: context(k, True), "body": lambda k: context(k, False)}
+        seconds = alternate(sides, 1, sizes.repeats, backbone.device)
+        tokens = sum(len(t) for f in features for t in f.targets) / sum(len(f.targets) for f in features)
+        numbers[task] = {"seconds": seconds, "candidate_tokens_mean": tokens,
+                         "over_full_forward": paired_ratio(seconds["rank"], seconds["full"]),
+                         "over_body_forward": paired_ratio(seconds["rank"], seconds["body"])}
+        rows.append([task, f"{tokens:.1f}", f"{median(seconds['full']):.3f}", f"{median(seconds['body']):.3f}",
+                     f"{median(seconds['rank']):.3f}", f"{numbers[task]['over_full_forward']:.2f}×",
+                     f"{numbers[task]['over_body_forward']:.2f}×"])
     md = [f"Model: {backbone.name} (width, layers, heads), vocabulary 30522, embedded BERT tokenizer, fp32 unless named.", "",
           "### 11.1 training against peft", "", *train_md, "",
-          "### 11.2 ranking candidates", "",
-          *table(["side", "seconds", "× one context forward"],
-                 [["context forward with P′ (no candidates)", f"{median(seconds['context forward']):.3f}", "1.00×"],
-                  ["rank both COPA choices (context cached)", f"{median(seconds['rank 2 choices']):.3f}", f"{ratio:.2f}×"]]),
-          "", f"{len(copa)} COPA training examples, batch {sizes.batch}, fp32, no grad; the ratio is the median over repeats "
-          "of t(rank)/t(context forward): what scoring the two choices adds to running the context once."]
-    return {"training": train, "ranking_seconds": seconds, "ranking_over_context_forward": ratio}, md
+          "### 11.2 ranking two candidates", "",
+          *table(["task", "tokens per candidate", "context forward (with LM logits), s", "context forward (body only), s",
+                  "rank both candidates, s", "rank / forward", "rank / body"], rows),
+          "", f"{sizes.infer_examples} training examples per task, batch {sizes.batch}, fp32, no grad, a random 10-token "
+          "prompt. 'Context forward' runs [P; context] once, as a model call does (logits at every position) or the "
+          "transformer body alone (no LM head: the floor of any ranking); ranking runs the body once, the LM head at the "
+          "context's last position, then each candidate's tokens from the context's cache. RTE's candidates are its two "
+          "label words, COPA's two sentences nearly as long as the context, which no cache can skip."]
+    ratio = numbers["RTE"]["over_full_forward"]
+    return {"training": train, "ranking": numbers, "ranking_over_context_forward": ratio}, md
+
+
+# -----------------------------------------------------------------------------
+# 12. deep prompts against shallow ones
+
+
+def deep_cost(backbone, sizes: Sizes) -> tuple[dict, list[str]]:
+    """deep-rpt vs rpt at the same n: training step on the same batches, and inference with the collapsed prompts."""
+    task = get_task("RTE")
+    features, batches = bucketed(backbone, train_examples("RTE"), sizes)
+    learners = {m: make_learner(backbone, task, m) for m in ("rpt", "deep-rpt")}
+    train = alternate({m: our_side(backbone, learner, features, batches, True) for m, learner in learners.items()},
+                      sizes.batches, sizes.repeats, backbone.device)
+    evaluate = backbone.featurize(load_task_data("RTE", SUPERGLUE).test[: sizes.infer_examples], sizes.max_length - N_TOKENS)
+    infer = alternate({m: infer_side(backbone, prompt.collapse(), head, evaluate) for m, (prompt, head, _) in learners.items()},
+                      1, sizes.repeats, backbone.device)
+    ratios = {"train": paired_ratio(train["deep-rpt"], train["rpt"]), "infer": paired_ratio(infer["deep-rpt"], infer["rpt"])}
+    stored = {m: prompt.stored_parameters() for m, (prompt, _, _) in learners.items()}
+    trainable = {m: prompt.trainable_parameters() for m, (prompt, _, _) in learners.items()}
+    md = table(["method", "ms per training step", "inference s", "trainable (prompt + Φ)", "stored (P′)"],
+               [[m, f"{median(train[m]) / sizes.batches * 1e3:.0f}", f"{median(infer[m]):.2f}", f"{trainable[m]:,}", f"{stored[m]:,}"]
+                for m in learners])
+    md += ["", f"deep / shallow: training step **{ratios['train']:.2f}×**, inference **{ratios['infer']:.2f}×** (medians of "
+           f"within-repeat ratios). RTE, n={N_TOKENS}, {sizes.batches} length-bucketed training batches, bf16; inference on "
+           f"{len(evaluate)} test examples with the collapsed prompts, eval batch 64. A deep prompt replaces the "
+           "prompt positions' states before every layer, so the sequences are no longer than a shallow prompt's."]
+    return {"train_seconds": train, "infer_seconds": infer, "ratios": ratios, "stored": stored, "trainable": trainable}, md
 
 
 # -----------------------------------------------------------------------------
@@ -852,7 +893,7 @@ TITLES = {
     "4": "Against the peft package", "5": "Cost of Φ during training",
     "6": "Inference with collapsed prompts; prompt length", "7": "Bank query latency",
     "8": "GPU: T5-Base-sized model", "9": "Attention kernel and where a step's time goes",
-    "10": "torch.compile", "11": "Decoder-only family (random GPT-2, CPU)",
+    "10": "torch.compile", "11": "Decoder-only family (random GPT-2, CPU)", "12": "Deep prompts against shallow ones",
 }
 
 
@@ -935,7 +976,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds per section), to check the script")
     parser.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
-    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated section numbers")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7,8,9,10,11,12", help="comma-separated section numbers")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results", help="folder for performance.{md,json}")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own; 1 with --quick, since "
                         "2 threads on 2 cores that another process also uses are ~10x slower than 1)")
@@ -967,7 +1008,7 @@ def main() -> None:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(TITLES))
     if unknown:
-        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-11")
+        parser.error(f"--sections: unknown {', '.join(unknown)}; choose from 1-12")
     backbone = load_backbone("embedded")
     started = time.perf_counter()
     for key in sorted(wanted):
@@ -994,6 +1035,8 @@ def main() -> None:
             numbers, md = compile_cost(backbone, sizes)
         elif key == "11":
             numbers, md = decoder_section(sizes, args)
+        elif key == "12":
+            numbers, md = deep_cost(backbone, sizes)
         elif args.t5_device != "cuda" or torch.cuda.is_available():
             numbers, md = gpu_sections(sizes, args.t5_device, args)
         else:

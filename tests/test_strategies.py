@@ -98,7 +98,7 @@ def test_one_registry_serves_the_stream_parser_both_commands_and_the_labels(tmp_
     stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA"]))
     for method in METHODS:  # a method's stream is labelled with that method again
         assert method_label(with_method(stream, method)) == method
-    assert SINGLE_TASK_METHODS == ("rpt", "pt", "pt-mlp", "head")
+    assert SINGLE_TASK_METHODS == ("rpt", "pt", "pt-mlp", "head", "deep-rpt", "deep-pt")
     bad = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"], name="bad.yaml", strategy="gem")
     with pytest.raises(ValueError, match="strategy: 'gem' is not one of bank, progressive"):
         load_stream(bad)

@@ -4,8 +4,9 @@ A family says where the prompt enters, how a batch is scored, and what head a ta
 a family: subclass `Backbone`, set `family` to its name, implement `from_pretrained` (load the
 weights), `featurize` (tokenise examples once), `collate` (pad a batch into tensors), `loss`
 (training objective), `scores` (one score per option, for prediction), `input_features` (a prompt-free
-vector per example, for routing), `new_head` (the per-task
-trainable head, or None) and `max_positions` (the longest sequence, prompt included); then add one
+vector per example, for routing), `new_head` (the per-task trainable head, or None),
+`prompt_layers` (the layers a deep prompt reaches: `deep_prompt_hooks` does the rest) and
+`max_positions` (the longest sequence, prompt included); then add one
 row to `FAMILIES` in `continual_rpt/backbones/__init__.py` naming the model types it serves.
 The backbone's weights are frozen and never handed to an optimizer.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -46,30 +48,82 @@ class Features:
 @dataclass
 class RowPrompts:
     """One prompt per example of a mixed-task batch: `embeds` [B, N, d], each prompt right-aligned in its
-    row, `mask` [B, N] marking its real slots (an entry of n < N tokens leaves N − n masked slots in front)."""
+    row, `mask` [B, N] marking its real slots (an entry of n < N tokens leaves N − n masked slots in front).
+    Deep prompts add `layers` [B, L - 1, N, d], the prompt of layers 1 … L - 1, and `deep` [B], which rows
+    have them (a shallow row's later layers keep what the layer before wrote)."""
 
     embeds: Tensor
     mask: Tensor
+    layers: Tensor | None = None
+    deep: Tensor | None = None
 
     @classmethod
     def stack(cls, prompts: list[Tensor | None], width: int, device: torch.device) -> RowPrompts:
-        """Gather each example's prompt (None for an entry without one) into one padded block."""
-        n = max((p.shape[0] for p in prompts if p is not None), default=0)
+        """Gather each example's prompt ([n, d], [L, n, d], or None for an entry without one) into one padded block."""
+        n = max((p.shape[-2] for p in prompts if p is not None), default=0)
+        depth = max((p.shape[0] for p in prompts if p is not None and p.dim() == 3), default=0)
         embeds = torch.zeros(len(prompts), n, width, device=device)
         mask = torch.zeros(len(prompts), n, dtype=torch.long, device=device)
+        layers = torch.zeros(len(prompts), max(depth - 1, 0), n, width, device=device) if depth else None
+        deep = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
-            if p is not None and p.shape[0]:
-                embeds[row, n - p.shape[0] :] = p
-                mask[row, n - p.shape[0] :] = 1
-        return cls(embeds, mask)
+            if p is None or not p.shape[-2]:
+                continue
+            k = p.shape[-2]
+            embeds[row, n - k :] = p[0] if p.dim() == 3 else p
+            mask[row, n - k :] = 1
+            if p.dim() == 3:
+                layers[row, :, n - k :] = p[1:]
+                deep[row] = True
+        return cls(embeds, mask, layers, deep if depth else None)
 
 
 def prompt_block(prompt: Tensor | RowPrompts, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The prompt slots of each sequence, [S, N, d], and their 0/1 mask; `rows` maps sequence to example."""
+    """The input prompt slots of each sequence, [S, N, d], and their 0/1 mask; `rows` maps sequence to example."""
     if isinstance(prompt, RowPrompts):
         return prompt.embeds[rows].to(dtype), prompt.mask[rows]
-    s, n = rows.shape[0], prompt.shape[0]
-    return prompt.to(dtype).unsqueeze(0).expand(s, -1, -1), torch.ones(s, n, dtype=torch.long, device=prompt.device)
+    first = prompt[0] if prompt.dim() == 3 else prompt  # a deep prompt's layer 0 is its input prompt
+    s, n = rows.shape[0], first.shape[0]
+    return first.to(dtype).unsqueeze(0).expand(s, -1, -1), torch.ones(s, n, dtype=torch.long, device=prompt.device)
+
+
+def is_deep(prompt) -> bool:
+    """Whether a prompt (a tensor, RowPrompts or None) has prompts past the input layer."""
+    if isinstance(prompt, RowPrompts):
+        return prompt.layers is not None
+    return prompt is not None and prompt.dim() == 3
+
+
+@contextmanager
+def deep_prompt_hooks(layers: nn.ModuleList, prompt, start: int, rows: Tensor):
+    """While open, layer l ≥ 1 of `layers` reads a deep prompt's layer l at positions start … start + n - 1
+    in place of what layer l - 1 wrote there (a no-op for a shallow prompt); `rows` maps sequence to example."""
+    if not is_deep(prompt):
+        yield
+        return
+    depth = prompt.layers.shape[1] + 1 if isinstance(prompt, RowPrompts) else prompt.shape[0]
+    if depth != len(layers):
+        raise ValueError(f"a deep prompt of {depth} layers on a backbone of {len(layers)}")
+
+    def replace(l: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if isinstance(prompt, RowPrompts):
+                p = prompt.layers[rows, l - 1].to(hidden.dtype)
+                keep = (prompt.deep[rows].unsqueeze(1) & prompt.mask[rows].bool()).unsqueeze(-1)
+                p = torch.where(keep, p, hidden[:, start : start + p.shape[1]])
+            else:
+                p = prompt[l].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+            hidden = torch.cat([hidden[:, :start], p, hidden[:, start + p.shape[1] :]], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        return hook
+
+    handles = [layer.register_forward_pre_hook(replace(l), with_kwargs=True) for l, layer in enumerate(layers) if l > 0]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Backbone(ABC):
@@ -117,6 +171,16 @@ class Backbone(ABC):
         One prompt [n, d] and one head for a batch of one task; or, for a mixed-task batch, `RowPrompts`
         and one head per example (None where the family has no heads).
         """
+
+    @property
+    @abstractmethod
+    def prompt_layers(self) -> nn.ModuleList:
+        """The layers a prompt's positions pass through (a deep prompt has one slice per layer)."""
+
+    @property
+    def depth(self) -> int:
+        """How many layers a deep prompt has: one per entry of `prompt_layers`."""
+        return len(self.prompt_layers)
 
     @abstractmethod
     def input_features(self, batch: dict[str, Tensor]) -> Tensor:

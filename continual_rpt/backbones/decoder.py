@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block, source_features
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block, source_features
 from continual_rpt.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ class DecoderBackbone(Backbone):
         """Longest sequence the position embeddings (or the RoPE training length) allow, prompt included."""
         config = self.model.config
         return getattr(config, "max_position_embeddings", None) or config.n_positions
+
+    @property
+    def prompt_layers(self) -> nn.ModuleList:
+        """The decoder's blocks (GPT-2's `h`, Llama-style `layers`)."""
+        body = self.model.base_model
+        return body.layers if hasattr(body, "layers") else body.h
 
     def new_head(self, task: Task) -> None:
         """None: the LM head scores the candidates itself."""
@@ -92,7 +98,10 @@ class DecoderBackbone(Backbone):
         """
         embeds, mask = self._context(prompt, batch)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        every = torch.arange(mask.shape[0], device=mask.device)
+        with deep_prompt_hooks(self.prompt_layers, prompt, 1 if self.bos else 0, every):  # the context pass only: the
+            # candidates then read the deep prompt's keys and values from the cache
+            out = self.model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         lm_head = self.model.get_output_embeddings()
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # the last real token of each row
         first = lm_head(out.last_hidden_state[torch.arange(mask.shape[0]), last]).float().log_softmax(-1)  # [B, V]

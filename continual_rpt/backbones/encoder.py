@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block
 from continual_rpt.tasks import Example, Task
 
 POOLINGS = ("cls", "mean")
@@ -43,6 +43,11 @@ class EncoderBackbone(Backbone):
         # RoBERTa-style embeddings number positions from padding_idx + 1: the slots below are never used.
         padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
         return self.model.config.max_position_embeddings - (0 if padding_idx is None else padding_idx + 1)
+
+    @property
+    def prompt_layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers."""
+        return self.model.encoder.layer
 
     def new_head(self, task: Task) -> nn.Module:
         """Linear over the pooled output: one logit per label, or one per (context, choice) pair."""
@@ -94,7 +99,8 @@ class EncoderBackbone(Backbone):
                 kept = torch.cat([mask.new_ones(mask.shape[0], 1), prompt_mask, mask.new_ones(mask.shape[0], mask.shape[1] - 1 - p.shape[1])], dim=1)
                 padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
                 positions = kept.cumsum(1) - 1 + (0 if padding_idx is None else padding_idx + 1)
-        hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions).last_hidden_state
+        with deep_prompt_hooks(self.prompt_layers, prompt, 1, batch["rows"]):  # a deep prompt again after [CLS] at every layer
+            hidden = self.model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, position_ids=positions).last_hidden_state
         return hidden, mask
 
     def _pool(self, hidden: Tensor, mask: Tensor) -> Tensor:

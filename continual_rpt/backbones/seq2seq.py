@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, prompt_block, source_features
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block, source_features
 from continual_rpt.tasks import Example, Task
 
 
@@ -29,6 +29,14 @@ class Seq2SeqBackbone(Backbone):
     def max_positions(self) -> int:
         """T5 uses relative positions; the limit is the training budget, not the architecture."""
         return 10**6
+
+    @property
+    def prompt_layers(self) -> nn.ModuleList:
+        """The encoder's blocks: the prompt is part of the source, which only the encoder reads."""
+        return self.model.get_encoder().block
+
+    def _deep(self, prompt, batch: dict[str, Tensor]):
+        return deep_prompt_hooks(self.prompt_layers, prompt, 0, torch.arange(batch["input_ids"].shape[0], device=self.device))
 
     def new_head(self, task: Task) -> None:
         """None: the decoder scores the label words itself."""
@@ -79,12 +87,14 @@ class Seq2SeqBackbone(Backbone):
     def loss(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
         """Teacher-forced token cross-entropy of the gold target."""
         embeds, mask = self._inputs(prompt, batch)
-        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=batch["gold_labels"]).loss
+        with self._deep(prompt, batch):
+            return self.model(inputs_embeds=embeds, attention_mask=mask, labels=batch["gold_labels"]).loss
 
     def scores(self, prompt: Tensor | RowPrompts | None, head: nn.Module | list | None, batch: dict[str, Tensor]) -> Tensor:
         """Summed log-likelihood of every candidate, [B, C], -inf where an example has fewer."""
         embeds, mask = self._inputs(prompt, batch)
-        encoded = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        with self._deep(prompt, batch):
+            encoded = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         rows, labels = batch["rows"], batch["cand_labels"]  # one decoder row per (example, candidate)
         logits = self.model(encoder_outputs=(encoded[rows],), attention_mask=mask[rows], labels=labels).logits
         token_mask = labels != -100

@@ -27,7 +27,8 @@ class Registered:
 
 
 REGISTRY: dict[str, Registered] = {
-    "bank": Registered("continual_rpt.strategies.bank:BankStrategy", {"rpt": "rpt", "pt": "pt", "pt-mlp": "pt-mlp", "head": "head"}),
+    "bank": Registered("continual_rpt.strategies.bank:BankStrategy",
+                       {"rpt": "rpt", "pt": "pt", "pt-mlp": "pt-mlp", "head": "head", "deep-rpt": "deep-rpt", "deep-pt": "deep-pt"}),
     "progressive": Registered("continual_rpt.strategies.bank:ProgressiveStrategy", {"progressive": "rpt", "progressive-pt": "pt"}),
     "shared": Registered("continual_rpt.strategies.shared:SharedStrategy", {"shared": None}),
     "multitask": Registered("continual_rpt.strategies.shared:MultitaskStrategy", {"multitask": None}),

@@ -63,6 +63,7 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
                      "bos": getattr(backbone, "bos", None)},  # a decoder's prompt follows BOS where its tokenizer adds one
         "method": spec.prompt.method,
         "prompt_tokens": trained.metrics["prompt_tokens"],
+        "prompt_shape": None if trained.prompt is None else list(trained.prompt.shape),  # [n, d], or [L, n, d] deep
         "dtype": "float32",
         "data_files": data.files,
         "skipped_rows": data.skipped,  # rows dropped because their label names no class, per file
