@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import statistics
 import sys
@@ -59,6 +60,16 @@ def select(runs: list[dict], method: str, variant: str = "") -> list[dict]:
 def finished(runs: list[dict]) -> list[dict]:
     """The runs that trained (a diverged run has no scores)."""
     return [r for r in runs if r["test_score"] is not None]
+
+
+def grid_files(results: Path, runs: dict[str, list[dict]]) -> list[str]:
+    """The grid files that made the runs under `results` (their environment.json names each command)."""
+    files = []
+    for grid in (g for g in GRIDS if runs[g]):
+        env = results / f"claims_{grid}" / "environment.json"
+        command = json.loads(env.read_text()).get("command", "") if env.is_file() else ""
+        files.append(next((part for part in command.split() if part.endswith(".yaml")), f"experiments/claims/{grid}.yaml"))
+    return files
 
 
 def lengths_of(runs: list[dict]) -> tuple[str, ...]:
@@ -388,6 +399,7 @@ def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
     """Read the claims grids' runs under `results` and write `results`/claims/; `backbone` is the grids' backbone."""
     out = results / "claims"
     out.mkdir(parents=True, exist_ok=True)
+    shown = os.path.relpath(results)  # commands as typed from the repository root
     runs = {grid: load_grid(results, grid) for grid in GRIDS}
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs}) or [0, 1, 2]
     threads = sorted({r.get("torch_threads", "unrecorded") for rs in runs.values() for r in rs}, key=str)
@@ -399,7 +411,8 @@ def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
             *design(out, runs["design"], init_scale(out, seeds, backbone)), *few_shot(out, runs["fewshot"]),
             *convergence(out, runs["methods"])]
     env = {
-        "commands": [f"python experiments/grid.py experiments/claims/{g}.yaml" for g in GRIDS] + ["python experiments/claims.py"],
+        "commands": [f"python experiments/grid.py {spec} --results {shown}" for spec in grid_files(results, runs)]
+                    + [f"python experiments/claims.py --results {shown}"],
         "runs": {g: len(rs) for g, rs in runs.items()}, "seeds": seeds, "torch_threads_of_runs": threads,
         "machine": machine_description(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": __version__,
