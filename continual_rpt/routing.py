@@ -214,6 +214,15 @@ def state_bytes(state: dict[str, Tensor]) -> int:
 
 
 
+def answer_as(task, example: Example, other_meta: dict, index: int) -> int:
+    """Another entry's answer `index` to `example`, in `task`'s terms: the same label where both name it
+    (Amazon and Yelp share theirs), else a wrong answer (the option after the gold one)."""
+    if task.kind == other_meta["kind"] == "classification" and other_meta["label_names"][index] in task.label_names:
+        return task.label_names.index(other_meta["label_names"][index])
+    options = len(task.label_names) if task.kind == "classification" else len(example.candidates)
+    return (example.label + 1) % options
+
+
 def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
                      cache: dict[str, Tensor], max_length: int, router: str = "mahalanobis") -> tuple[dict, dict] | None:
     """Every seen task's test score when each example is routed among the entries of `names` (None if one cannot be).
@@ -242,15 +251,8 @@ def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: B
             if other == name or not mine:
                 continue
             answers = predict_from_bank(bank, other, [d.test[i] for i in mine], backbone)
-            other_labels = entries[other].meta["label_names"]
             for i, answer in zip(mine, answers):
-                ex = d.test[i]
-                same = d.task.kind == "classification" and entries[other].meta["kind"] == "classification"
-                if same and other_labels[answer] in d.task.label_names:
-                    predictions[i] = d.task.label_names.index(other_labels[answer])
-                else:  # an answer in another task's terms is wrong here: the option after the gold one
-                    options = len(d.task.label_names) if d.task.kind == "classification" else len(ex.candidates)
-                    predictions[i] = (ex.label + 1) % options
+                predictions[i] = answer_as(d.task, d.test[i], entries[other].meta, answer)
         scores[name] = d.task.score(d.test, predictions)
         confusion[name] = {other: routed.count(t) for t, other in enumerate(names)}
     return scores, confusion

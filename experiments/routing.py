@@ -30,24 +30,15 @@ import continual_rpt  # noqa: E402
 from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, PromptBank  # noqa: E402
 from continual_rpt.cli import entry_backbone  # noqa: E402
 from continual_rpt.evaluation import predict_from_bank  # noqa: E402
-from continual_rpt.routing import ROUTERS, route  # noqa: E402
+from continual_rpt.routing import ROUTERS, answer_as, route  # noqa: E402
 from continual_rpt.streams import load_data, load_stream  # noqa: E402
 
 
 def task_free_score(task, examples, routed, home: str, bank, backbone) -> float:
     """The task's score when its examples are answered by the entries they were routed to (as in crpt run)."""
     own = predict_from_bank(bank, home, examples, backbone)
-    predictions = []
-    for ex, r, mine in zip(examples, routed, own):
-        if r.task == home:
-            predictions.append(mine)
-            continue
-        other = bank.get(r.task).meta
-        if task.kind == other["kind"] == "classification" and other["label_names"][r.index] in task.label_names:
-            predictions.append(task.label_names.index(other["label_names"][r.index]))
-        else:
-            options = len(task.label_names) if task.kind == "classification" else len(ex.candidates)
-            predictions.append((ex.label + 1) % options)
+    metas = {name: bank.get(name).meta for name in {r.task for r in routed}}
+    predictions = [mine if r.task == home else answer_as(task, ex, metas[r.task], r.index) for ex, r, mine in zip(examples, routed, own)]
     return task.score(examples, predictions)["score"]
 
 

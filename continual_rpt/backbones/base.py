@@ -87,6 +87,21 @@ def prompt_block(prompt: Tensor | RowPrompts, rows: Tensor, dtype: torch.dtype) 
     return first.to(dtype).unsqueeze(0).expand(s, -1, -1), torch.ones(s, n, dtype=torch.long, device=prompt.device)
 
 
+def insert_prompt(embeds: Tensor, mask: Tensor, prompt: Tensor | RowPrompts, at: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Input embeddings [S, T, d] and mask [S, T] with the prompt's slots inserted before position `at`."""
+    p, prompt_mask = prompt_block(prompt, rows, embeds.dtype)
+    return (torch.cat([embeds[:, :at], p, embeds[:, at:]], dim=1),
+            torch.cat([mask[:, :at], prompt_mask, mask[:, at:]], dim=1))
+
+
+def source_summary(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Routing features of one-sequence inputs: [mean state; mean of the first FORMAT_TOKENS; log(1 + tokens)], [B, 2d + 1]."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    start = weights[:, :FORMAT_TOKENS]
+    first = (hidden[:, :FORMAT_TOKENS] * start).sum(1) / start.sum(1).clamp_min(1)
+    return torch.cat([(hidden * weights).sum(1) / weights.sum(1), first, mask.sum(1, keepdim=True).to(hidden.dtype).log1p()], 1).float()
+
+
 def is_deep(prompt) -> bool:
     """Whether a prompt (a tensor, RowPrompts or None) has prompts past the input layer."""
     if isinstance(prompt, RowPrompts):

@@ -13,7 +13,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block, source_features
+from continual_rpt.backbones.base import (Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, insert_prompt, source_features,
+                                         source_summary)
 from continual_rpt.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,7 @@ class DecoderBackbone(Backbone):
         embeds, mask = self.embeddings(batch["input_ids"]), batch["attention_mask"]
         if prompt is None:
             return embeds, mask
-        p, prompt_mask = prompt_block(prompt, torch.arange(embeds.shape[0], device=embeds.device), embeds.dtype)
-        k = 1 if self.bos else 0
-        embeds = torch.cat([embeds[:, :k], p, embeds[:, k:]], dim=1)
-        return embeds, torch.cat([mask[:, :k], prompt_mask, mask[:, k:]], dim=1)
+        return insert_prompt(embeds, mask, prompt, 1 if self.bos else 0, torch.arange(embeds.shape[0], device=embeds.device))
 
     def _candidate_logp(self, prompt: Tensor | RowPrompts | None, batch: dict[str, Tensor], gold_only: bool = False) -> tuple[Tensor, Tensor]:
         """log p of every candidate token given its example's context, [C, T_c] (0 at padding), and the candidates' index.
@@ -137,9 +135,5 @@ class DecoderBackbone(Backbone):
         """What a context looks like, without a prompt: [mean hidden state; mean of its first FORMAT_TOKENS
         tokens; log(1 + tokens)], [B, 2d + 1] (as the seq2seq family's)."""
         mask = batch["attention_mask"]
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        start = weights[:, :FORMAT_TOKENS]
-        first = (hidden[:, :FORMAT_TOKENS] * start).sum(1) / start.sum(1).clamp_min(1)
-        return torch.cat([(hidden * weights).sum(1) / weights.sum(1), first, mask.sum(1, keepdim=True).to(hidden.dtype).log1p()], 1).float()
+        return source_summary(self.model.base_model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state, mask)
 

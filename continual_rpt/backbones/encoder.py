@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block
+from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, insert_prompt
 from continual_rpt.tasks import Example, Task
 
 POOLINGS = ("cls", "mean")
@@ -91,12 +91,13 @@ class EncoderBackbone(Backbone):
         mask, types = batch["attention_mask"], batch["token_type_ids"]
         positions = None
         if prompt is not None:
-            p, prompt_mask = prompt_block(prompt, batch["rows"], embeds.dtype)  # [S, n, d], [S, n]
-            embeds = torch.cat([embeds[:, :1], p, embeds[:, 1:]], dim=1)  # [S, 1 + n + T - 1, d]
-            mask = torch.cat([mask[:, :1], prompt_mask, mask[:, 1:]], dim=1)
+            embeds, mask = insert_prompt(embeds, mask, prompt, 1, batch["rows"])  # [S, 1 + n + T - 1, d]
+            n = embeds.shape[1] - types.shape[1]
+            prompt_mask = mask[:, 1 : 1 + n]
             types = torch.cat([types[:, :1], torch.zeros_like(prompt_mask), types[:, 1:]], dim=1)
             if isinstance(prompt, RowPrompts):  # number positions as if the masked prompt slots were not there
-                kept = torch.cat([mask.new_ones(mask.shape[0], 1), prompt_mask, mask.new_ones(mask.shape[0], mask.shape[1] - 1 - p.shape[1])], dim=1)
+                kept = torch.ones_like(mask)
+                kept[:, 1 : 1 + n] = prompt_mask
                 padding_idx = getattr(getattr(self.model, "embeddings", None), "padding_idx", None)
                 positions = kept.cumsum(1) - 1 + (0 if padding_idx is None else padding_idx + 1)
         with deep_prompt_hooks(self.prompt_layers, prompt, 1, batch["rows"]):  # a deep prompt again after [CLS] at every layer

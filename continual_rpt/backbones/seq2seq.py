@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from continual_rpt.backbones.base import FORMAT_TOKENS, Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, prompt_block, source_features
+from continual_rpt.backbones.base import (Backbone, Features, RowPrompts, _pad, deep_prompt_hooks, insert_prompt, source_features,
+                                         source_summary)
 from continual_rpt.tasks import Example, Task
 
 
@@ -71,18 +72,13 @@ class Seq2SeqBackbone(Backbone):
         embeds, mask = self.embeddings(batch["input_ids"]), batch["attention_mask"]  # [B, T, d]
         if prompt is None:
             return embeds, mask
-        p, prompt_mask = prompt_block(prompt, torch.arange(embeds.shape[0], device=embeds.device), embeds.dtype)
-        return torch.cat([p, embeds], dim=1), torch.cat([prompt_mask, mask], dim=1)  # [B, n + T, d]
+        return insert_prompt(embeds, mask, prompt, 0, torch.arange(embeds.shape[0], device=embeds.device))  # [B, n + T, d]
 
     def input_features(self, batch: dict[str, Tensor]) -> Tensor:
         """What a source looks like, without a prompt: [mean encoder output; mean of its first FORMAT_TOKENS
         tokens; log(1 + tokens)], [B, 2d + 1] (as the encoder family's, with one segment)."""
         mask = batch["attention_mask"]
-        hidden = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        start = weights[:, :FORMAT_TOKENS]
-        first = (hidden[:, :FORMAT_TOKENS] * start).sum(1) / start.sum(1).clamp_min(1)
-        return torch.cat([(hidden * weights).sum(1) / weights.sum(1), first, mask.sum(1, keepdim=True).to(hidden.dtype).log1p()], 1).float()
+        return source_summary(self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state, mask)
 
     def loss(self, prompt: Tensor | None, head: nn.Module | None, batch: dict[str, Tensor]) -> Tensor:
         """Teacher-forced token cross-entropy of the gold target."""
