@@ -74,7 +74,7 @@ def _predictions(task, pooled: list[Tensor], weights: dict[str, Tensor]) -> list
 
 def fit_linear_probe(backbone: Backbone, data: TaskData, max_length: int, seed: int,
                      batch_size: int = 64, bf16: bool = True) -> tuple[dict[str, Tensor], dict]:
-    """Head weights of the dev-best logistic regression on frozen pooled features, and its dev and test scores."""
+    """Head weights of the dev-best logistic regression on frozen pooled features, its dev and test scores and test predictions."""
     from sklearn.linear_model import LogisticRegression
 
     if backbone.family != "encoder":
@@ -97,8 +97,10 @@ def fit_linear_probe(backbone: Backbone, data: TaskData, max_length: int, seed: 
         if best is None or dev > best[0]:
             best = (dev, c, weights)
     dev, c, weights = best
-    test = task.score(data.test, _predictions(task, pooled["test"], weights)) if data.test else {}
-    return weights, {"dev_score": dev, "C": c, "C_grid": list(C_GRID), "test": test, "test_score": test.get("score")}
+    predictions = _predictions(task, pooled["test"], weights) if data.test else []
+    test = task.score(data.test, predictions) if data.test else {}
+    return weights, {"dev_score": dev, "C": c, "C_grid": list(C_GRID), "test": test, "test_score": test.get("score"),
+                     "test_predictions": predictions}
 
 
 def reference_scores(backbone: Backbone, data: TaskData, max_length: int, seed: int, batch_size: int = 64,

@@ -78,6 +78,7 @@ class TrainedTask:
     head: dict[str, Tensor] | None
     metrics: dict
     history: list[dict]
+    test_predictions: list[int] = field(default_factory=list)  # of the stored P′ and head, in test order
 
 
 def build_prompt(backbone: Backbone, cfg: PromptConfig, seed: int) -> ResidualPrompt:
@@ -329,14 +330,15 @@ def _fit(
     best.restore(prompt, heads)
     results = []
     for t, data in enumerate(datas):
-        test, added = {}, {}
+        test, added, predictions = {}, {}, []
         if data.test:
             features = backbone.featurize(data.test, max_tokens)
 
             def test_score(used: Tensor | None) -> dict:
                 return data.task.score(data.test, predict_shared(backbone, with_context(used, context), heads[t], features, cfg))
 
-            test = test_score(best.collapsed)
+            predictions = predict_shared(backbone, with_context(best.collapsed, context), heads[t], features, cfg)
+            test = data.task.score(data.test, predictions)
             # What the prompt adds: the trained head alone, and P without the Φ it was trained through.
             if prompt is not None and heads[t] is not None:
                 added["test_without_prompt"] = data.task.score(data.test, predict_shared(backbone, None, heads[t], features, cfg))["score"]
@@ -361,5 +363,5 @@ def _fit(
             "wall_seconds": wall,
             "train_examples_per_second": seen / train_seconds if train_seconds else math.nan,
         }
-        results.append(TrainedTask(prompt=best.collapsed, head=best.heads[t], metrics=metrics, history=history))
+        results.append(TrainedTask(prompt=best.collapsed, head=best.heads[t], metrics=metrics, history=history, test_predictions=predictions))
     return results

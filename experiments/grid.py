@@ -5,13 +5,20 @@
 A grid file names tasks (with per-task `max_train`, `k_per_class`, `train` overrides), methods,
 seeds, default `prompt`/`train` settings, optionally a `device` (or `--device cuda`), and
 `variants`: named overrides of the `prompt`, `train` or `data` (`max_train`, `k_per_class`)
-settings, e.g. `n2: {prompt: {n_tokens: 2}}`, crossed with every method. `controls` (e.g. `[head]`) have no prompt to vary: they run once per
-task and seed, and once per variant only for variants that change the data.
+settings, e.g. `n2: {prompt: {n_tokens: 2}}`, crossed with every method, or with the variant's own
+`methods` where it names them (deep prompts at their own learning rate next to shallow ones at
+theirs). `controls` (e.g. `[head]`) have no prompt to vary: they run once per task and seed, and
+once per variant only for variants that change the data. `pairs` lists comparisons, each two rows
+of the table by their labels (`method` or `method (variant)`): their paired difference of the task
+average gets a 95% bootstrap interval.
 
 Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
 grid is started again), the table in `experiments/results/<name>/summary.{csv,md}`, with the
 machine, versions, seeds and command next to it. Dev selects, test is reported; the majority-class
-score (the most frequent training label predicted for every test example) is added per task.
+score (the most frequent training label predicted for every test example) is added per task. Each
+record keeps its test set's id and its score on 1000 bootstrap resamples of the test examples (the
+same draws for every run of that test set), so the summary gives every score a 95% interval and
+every pair a paired one (continual_rpt/confidence.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -32,6 +40,7 @@ import yaml
 
 from continual_rpt import __version__
 from continual_rpt.atomic import replace_json
+from continual_rpt.confidence import LEVEL, examples_id, interval, pooled, resampled_scores
 from continual_rpt.backbones import load_backbone
 from continual_rpt.controls import fit_linear_probe, majority_score
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
@@ -49,8 +58,37 @@ def grid_runs(spec: dict) -> list[tuple[str, str, str, int]]:
     for seed in spec["seeds"]:  # seed-major: a grid cut short still has every task of its first seeds
         for task in spec["tasks"]:
             runs += [(task, v, method, seed) for v in data_variants for method in spec.get("controls", [])]
-            runs += [(task, v, method, seed) for v in (list(variants) or [""]) for method in spec["methods"]]
+            for v in list(variants) or [""]:
+                runs += [(task, v, method, seed) for method in variants.get(v, {}).get("methods", spec.get("methods", []))]
     return runs
+
+
+def row_label(variant: str, method: str) -> str:
+    """How the summary names a (variant, method) row, and how `pairs` refer to it."""
+    return f"{method} ({variant})" if variant else method
+
+
+def parse_label(label: str) -> tuple[str, str]:
+    """(variant, method) of a row label."""
+    match = re.fullmatch(r"(\S+)(?: \((.+)\))?", label.strip())
+    if not match:
+        raise SystemExit(f"pairs: {label!r} is not a row label ('method' or 'method (variant)')")
+    return match.group(2) or "", match.group(1)
+
+
+def check_pairs(spec: dict) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """The grid's `pairs` as (variant, method) keys, each checked to name a row of the grid."""
+    keys = {(v, m) for _, v, m, _ in grid_runs(spec)}
+    pairs = []
+    for i, pair in enumerate(spec.get("pairs", [])):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise SystemExit(f"pairs[{i}]: expected two row labels, got {pair!r}")
+        a, b = parse_label(pair[0]), parse_label(pair[1])
+        for label, key in zip(pair, (a, b)):
+            if key not in keys:
+                raise SystemExit(f"pairs[{i}]: {label!r} is not a row of this grid ({', '.join(sorted(row_label(*k) for k in keys))})")
+        pairs.append((a, b))
+    return pairs
 
 
 def run_name(task: str, variant: str, method: str, seed: int) -> str:
@@ -77,6 +115,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
     """Train every run of `spec` that has no result in `results`/<name> yet, then write the summary."""
     out = results / spec["name"]
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    check_pairs(spec)  # a misspelt pair fails now, not after the grid has trained
     backbone = load_backbone(spec.get("backbone", "embedded"), device=spec.get("device", "cpu"))
     data_dir = Path(spec["data_dir"]).expanduser()
     if not data_dir.is_absolute():
@@ -97,7 +136,8 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
             start = time.perf_counter()
             _, fitted = fit_linear_probe(backbone, data, train_cfg.max_length, seed, train_cfg.eval_batch_size, train_cfg.bf16)
             wall = time.perf_counter() - start
-            record = {**fitted, **common, "task": task, "method": method, "wall_seconds": wall,
+            predictions = fitted.pop("test_predictions")
+            record = {**fitted, **common, **resampled(data, predictions), "task": task, "method": method, "wall_seconds": wall,
                       "train_examples_per_second": len(data.train) / wall, "history": []}
             write_record(path, record)
             print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
@@ -111,7 +151,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
             write_record(path, record)
             print(f"{run_name(task, variant, method, seed):28s} diverged: {err}", flush=True)
             continue
-        record = {**result.metrics, **common, "history": result.history}
+        record = {**result.metrics, **common, **resampled(data, result.test_predictions), "history": result.history}
         write_record(path, record)
         print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
               f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
@@ -119,11 +159,76 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
     return out
 
 
+def resampled(data, predictions: list[int]) -> dict:
+    """The test set's id and the run's score on each bootstrap resample of it (3 decimals: a record stays small)."""
+    return {"test_set": examples_id(data.test),
+            "test_resampled": [round(v, 3) for v in resampled_scores(data.task, data.test, predictions)]}
+
+
 def mean_std(values: list[float]) -> str:
     """'mean ± std' (sample std) of a list of scores."""
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def resampled_by_seed(runs: list[dict], variant: str, method: str, tasks: list[str]) -> dict[int, dict[str, dict]]:
+    """Per seed that finished every task with resamples: each task's run record."""
+    found: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        if (r["method"] == method and r.get("variant", "") == variant and r["task"] in tasks
+                and r["test_score"] is not None and r.get("test_resampled")):
+            found.setdefault(r["seed"], {})[r["task"]] = r
+    return {seed: mine for seed, mine in sorted(found.items()) if len(mine) == len(tasks)}
+
+
+def span(estimate: float, resampled: list[float], signed: bool = False) -> str:
+    """'estimate [low, high]' of a percentile interval."""
+    ci = interval(estimate, resampled)
+    sign = "+" if signed else ""
+    return f"{ci.estimate:{sign}.1f} [{ci.low:{sign}.1f}, {ci.high:{sign}.1f}]"
+
+
+def scored(seeds: dict[int, dict[str, dict]], tasks: list[str]) -> tuple[float, list[float]]:
+    """Seeds' mean of the task-averaged test score, and the same on each resample (seeds averaged inside it)."""
+    estimate = statistics.mean(statistics.mean(mine[t]["test_score"] for t in tasks) for mine in seeds.values())
+    return estimate, pooled([{t: mine[t]["test_resampled"] for t in tasks} for mine in seeds.values()], tasks)
+
+
+def interval_lines(runs: list[dict], spec: dict, tasks: list[str]) -> list[str]:
+    """Markdown: every row's per-task and average scores with 95% intervals, then the grid's paired differences."""
+    keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
+    rows = {key: resampled_by_seed(runs, *key, tasks) for key in keys}
+    lines = [f"## {LEVEL:.0%} intervals (percentile bootstrap over test examples; seeds averaged inside each resample)", "",
+             "| row | seeds | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 3) + "|"]
+    for key, seeds in rows.items():
+        if seeds:
+            cells = [span(*scored(seeds, [t])) for t in tasks]
+            lines.append(f"| {row_label(*key)} | {len(seeds)} | " + " | ".join(cells) + f" | {span(*scored(seeds, tasks))} |")
+    pairs = check_pairs(spec)
+    if pairs:
+        lines += ["", "Paired differences (same seeds: same training sample, same initial prompt; same test resamples); "
+                  "resolved: the interval excludes 0.", ""]
+    for a, b in pairs:
+        common = sorted(set(rows[a]) & set(rows[b]))
+        label = f"{row_label(*a)} − {row_label(*b)}"
+        if not common:
+            lines.append(f"- {label}: no seed finished both")
+            continue
+        first, second = {s: rows[a][s] for s in common}, {s: rows[b][s] for s in common}
+        for s in common:
+            for t in tasks:
+                if first[s][t]["test_set"] != second[s][t]["test_set"]:
+                    raise SystemExit(f"{t}, seed {s}: {label} were scored on different test examples; they cannot be paired")
+
+        def difference(ts: list[str]) -> str:
+            (x, xs), (y, ys) = scored(first, ts), scored(second, ts)
+            ci = interval(x - y, [p - q for p, q in zip(xs, ys)])
+            return f"{ci.estimate:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]" + (" resolved" if ci.excludes_zero else "")
+
+        per_task = "; ".join(f"{t} {difference([t])}" for t in tasks)
+        lines.append(f"- {label}: average {difference(tasks)} ({len(common)} paired seeds); {per_task}")
+    return lines
 
 
 def machine_description() -> str:
@@ -159,7 +264,7 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
             speed = statistics.median(r["train_examples_per_second"] for r in mine)
             csv_lines.append(f"{variant},{method},{task},{len(mine)},{diverged},{statistics.mean(devs):.2f},{sd(devs):.2f},"
                              f"{statistics.mean(tests):.2f},{sd(tests):.2f},{speed:.1f}")
-        label = f"{method} ({variant})" if variant else method
+        label = row_label(variant, method)
         dev_means = [statistics.mean(r["dev_score"] for r in runs if r["task"] == t and r["method"] == method
                                      and r.get("variant", "") == variant and r["test_score"] is not None) for t in tasks
                      if cells[t] != "—" and not cells[t].startswith("diverged")]
@@ -184,7 +289,8 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
               "Test-half score (task metric mean, percent), mean ± std over seeds that trained; dev half used for early stopping only; "
               "(k diverged): k seeds ended with no finite dev evaluation. Dev average: the mean dev score over tasks, "
               "the one to select a setting by.", ""]
-    (out / "summary.md").write_text("\n".join(header + table + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
+    intervals = ["", *interval_lines(runs, spec, tasks)]
+    (out / "summary.md").write_text("\n".join(header + table + intervals + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
     print("\n".join(table))
 
 

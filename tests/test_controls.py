@@ -37,6 +37,7 @@ def test_linear_probe_head_answers_in_the_bank_path_as_it_was_scored(tiny, super
     head.load_state_dict(weights)  # the probe is an ordinary head: it stores and loads like any entry's
     predictions = predict_features(tiny, None, head, tiny.featurize(data.test, 96), bf16=False)
     assert data.task.score(data.test, predictions)["score"] == pytest.approx(metrics["test_score"])
+    assert metrics["test_predictions"] == predictions
     assert metrics["C"] in C_GRID and metrics["C_grid"] == list(C_GRID)
     pooled = pooled_features(tiny, tiny.featurize(data.train[:3], 96), 64, False)
     pairs = 1 if task == "CB" else 2

@@ -64,7 +64,8 @@ def test_grid_runs_resumes_and_feeds_the_claims_report(tmp_path, tiny_bert_dir, 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     grid.run_grid(spec, tmp_path / "grid.yaml", tmp_path)  # a finished grid trains nothing again
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
-    assert "| rpt (n2) |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| rpt (n2) |" in summary and "| rpt (n2) | 2 |" in summary  # with its 95% intervals over both seeds
 
     runs = claims.load_grid(tmp_path, "methods")
     text = "\n".join(claims.methods_and_length(tmp_path, runs) + claims.convergence(tmp_path, runs))
@@ -93,3 +94,29 @@ def test_a_broken_run_record_is_named(tmp_path):
     (folder / "CB-lr10-rpt-0.json").write_text('{"task": "CB", ')  # a writer killed mid-file
     with pytest.raises(SystemExit, match=r"CB-lr10-rpt-0\.json: not a run record"):
         claims.load_grid(tmp_path, "lr")
+
+
+def resampled_record(task, method, variant, seed, test, resamples, test_set="t"):
+    """A finished run record that carries its score on each bootstrap resample."""
+    return {**record(task, method, variant, seed, test), "test_resampled": resamples, "test_set": test_set}
+
+
+def test_grid_pairs_are_paired_by_seed_and_resample():
+    spec = {"seeds": [0, 1], "methods": ["rpt"], "controls": ["linear-probe"], "tasks": {"CB": {}},
+            "variants": {"n5": {}, "deep5": {"methods": ["deep-rpt"]}}, "pairs": [["deep-rpt (deep5)", "linear-probe"]]}
+    assert [(v, m) for _, v, m, s in grid.grid_runs(spec) if s == 0] == [("", "linear-probe"), ("n5", "rpt"), ("deep5", "deep-rpt")]
+    runs = [resampled_record("CB", "deep-rpt", "deep5", 0, 70, [50, 60, 70, 80, 90]),
+            resampled_record("CB", "deep-rpt", "deep5", 1, 60, [40, 50, 60, 70, 80]),
+            resampled_record("CB", "linear-probe", "", 0, 50, [50] * 5),
+            resampled_record("CB", "linear-probe", "", 1, 50, [50] * 5)]
+    text = "\n".join(grid.interval_lines(runs, spec, ["CB"]))
+    # per resample, seeds averaged: [45, 55, 65, 75, 85] − 50; with 5 resamples the 95% bounds are the extremes
+    assert "| deep-rpt (deep5) | 2 | 65.0 [45.0, 85.0] | 65.0 [45.0, 85.0] |" in text
+    assert "- deep-rpt (deep5) − linear-probe: average +15.0 [-5.0, +35.0] (2 paired seeds); CB +15.0 [-5.0, +35.0]" in text
+    runs[1]["test_resampled"] = [60, 61, 62, 63, 64]  # per resample: [5, 10.5, 16, 21.5, 27] above the probe
+    assert "average +15.0 [+5.0, +27.0] resolved (2 paired seeds)" in "\n".join(grid.interval_lines(runs, spec, ["CB"]))
+    runs[3]["test_set"] = "other"
+    with pytest.raises(SystemExit, match="CB, seed 1: deep-rpt \\(deep5\\) − linear-probe were scored on different test examples"):
+        grid.interval_lines(runs, spec, ["CB"])
+    with pytest.raises(SystemExit, match=r"pairs\[0\]: 'rpt \(deep5\)' is not a row of this grid"):
+        grid.check_pairs({**spec, "pairs": [["rpt (deep5)", "linear-probe"]]})

@@ -97,7 +97,9 @@ def test_learner_result_and_metrics(tiny_bert, superglue_dir):
     assert len(result.history) == 2 and 0 <= m["test_score"] <= 100
     head = tiny_bert.new_head(data.task)
     head.load_state_dict(result.head)
-    assert data.task.score(data.test, predict(tiny_bert, result.prompt, head, data.test, 128, bf16=False)) == m["test"]
+    predictions = predict(tiny_bert, result.prompt, head, data.test, 128, bf16=False)
+    assert data.task.score(data.test, predictions) == m["test"]
+    assert result.test_predictions == predictions  # what grids resample for confidence intervals
 
 
 def test_head_only_control_has_no_prompt(tiny_bert, superglue_dir):

@@ -22,6 +22,7 @@ class LinearProbeStrategy(BankStrategy):
             start = time.perf_counter()
             weights, fitted = fit_linear_probe(self.backbone, mine, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
             wall = time.perf_counter() - start
+            del fitted["test_predictions"]  # the run scores its entries itself (run.py)
             n_head = sum(w.numel() for w in weights.values())
             metrics = {
                 **fitted, "task": mine.task.name, "method": "linear-probe", "prompt_tokens": 0, "prompt_tokens_in_context": 0,
