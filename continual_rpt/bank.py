@@ -14,7 +14,10 @@ task from the metadata is `continual_rpt.tasks.task_from_meta`.
 A bank is a folder of entries plus `bank.json`, the index: entry names in the order they were
 added, with the sha256 of every file. An entry is written to a temporary folder, fsynced and
 renamed into place, and only then listed in the index (itself replaced atomically), so a reader
-never sees a half-written entry. A lock file keeps two writers apart.
+never sees a half-written entry. A lock file keeps two writers apart. The one thing ever added to
+a stored entry is route state it lacks (`add_route`, for entries made before routing existed):
+the file lands beside the others and counts only once the index lists it, so a writer killed in
+between leaves the entry as it was.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class Entry:
             raise BankError(f"{folder / unexpected[0]}: unexpected file in a bank entry; only safetensors and JSON are read "
                             f"({', '.join(sorted(ENTRY_FILES))})")
         if checksums is not None:
+            if ROUTE_FILE in present - set(checksums):  # an add_route killed before the index listed it: not stored yet
+                present.discard(ROUTE_FILE)
             if present != set(checksums):
                 odd = sorted(present ^ set(checksums))[0]
                 raise BankError(f"{folder / odd}: the entry's files differ from those its bank index lists")
@@ -137,7 +142,7 @@ class Entry:
                 raise BankError(f"{folder / name}: must hold a JSON object, not {type(docs[name]).__name__}")
         tensors = {}
         for name in (PROMPT_FILE, HEAD_FILE, ROUTE_FILE):
-            if (folder / name).is_file():
+            if (folder / name).is_file() and (checksums is None or name in checksums):
                 try:
                     tensors[name] = load_file(folder / name)
                 except Exception as err:  # safetensors raises its own error types for truncated files
@@ -259,5 +264,29 @@ class PromptBank:
             folder = self.path / name
             checksums = entry.save_pretrained(folder)
             index = {**self._index, "entries": [*self._index["entries"], {"name": name, "files": checksums}]}
+            replace_json(self.path / INDEX_FILE, index)
+            self._index = index
+
+    def add_route(self, name: str, route: dict[str, Tensor]) -> None:
+        """Store route state for entry `name`, which has none; every file the entry already holds stays as it is."""
+        with self._locked(self.path):
+            self.refresh()
+            item = next((item for item in self._index["entries"] if item["name"] == name), None)
+            if item is None:
+                raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
+            if ROUTE_FILE in item["files"]:
+                raise BankError(f"{self.path / name / ROUTE_FILE}: the entry holds route state already; entries are never overwritten")
+            self._remove_leftovers()
+            folder = self.path / name
+            tmp = self.path / f".{name}.{ROUTE_FILE}"  # outside the entry: a killed writer's leftover is removed by the next add
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in route.items()}, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            kill_point("bank.route-written")
+            os.replace(tmp, folder / ROUTE_FILE)
+            fsync_dir(folder)
+            kill_point("bank.route-renamed")
+            listed = {**item, "files": {**item["files"], ROUTE_FILE: _sha256(folder / ROUTE_FILE)}}
+            index = {**self._index, "entries": [listed if i is item else i for i in self._index["entries"]]}
             replace_json(self.path / INDEX_FILE, index)
             self._index = index

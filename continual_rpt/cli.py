@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("task")
     export.add_argument("--format", default="peft", choices=["peft"], help="adapter format")
     export.add_argument("--out", required=True, type=Path, help="adapter folder to create")
+    index = bank_commands.add_parser("index-routes", help="add route state to entries made before routing existed, from their training data")
+    index.add_argument("bank", type=Path)
+    index.add_argument("--data-dir", help="folder of the SuperGLUE or CL benchmark files the entries trained on (default: as they recorded)")
+    index.add_argument("--base-dir", type=Path, help="folder that custom tasks' relative paths start from (default: the working directory)")
+    index.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
+    index.add_argument("--device", default="cpu", help="torch device")
     imp = bank_commands.add_parser("import", help="add a PEFT prompt-tuning adapter to a bank as a new entry")
     imp.add_argument("bank", type=Path, help="bank folder (created if missing)")
     imp.add_argument("adapter", type=Path, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
@@ -165,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
-    """`crpt bank ls|show|predict|export|import`."""
+    """`crpt bank ls|show|predict|index-routes|export|import`."""
     from continual_rpt.bank import PromptBank
 
     if args.bank_command == "import":
@@ -176,6 +182,17 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
         export_peft(bank.get(args.task), str(args.bank / args.task), args.out)
         print(f"wrote {args.out} (PEFT prompt tuning: PeftModel.from_pretrained(base, {str(args.out)!r}))")
+        return 0
+    if args.bank_command == "index-routes":
+        from continual_rpt.routing import routable
+        from continual_rpt.strategies.base import index_routes
+
+        missing = routable(bank)[1]
+        if not missing:
+            print(f"{args.bank}: every entry holds route state already; nothing to do")
+            return 0
+        done = index_routes(bank, entry_backbone(bank.get(missing[0]), args), args.data_dir, args.base_dir)
+        print(f"added route state to {len(done)} entries of {args.bank}: {', '.join(done)}")
         return 0
     if args.bank_command == "ls":
         print(f"{'task':<16}{'method':<8}{'tokens':>7}{'test':>8}  backbone")
@@ -265,7 +282,7 @@ def predict_routed(bank, args: argparse.Namespace) -> int:
     names, skipped = routable(bank)
     if skipped:
         print(f"crpt: {len(skipped)} entries hold no route state and are not routed to: {', '.join(skipped)} "
-              "(made before routing existed; answer their rows with --task NAME)", file=sys.stderr)
+              "(made before routing existed; answer their rows with --task NAME, or add it: crpt bank index-routes BANK)", file=sys.stderr)
     tasks = {name: task_from_meta(bank.get(name).meta, bank.path / name) for name in names}
     _, lines = read_lines(args.input)
     by_reader: dict[tuple[str, ...], list[tuple[int, object]]] = {}  # the entries that can read a row, and its examples

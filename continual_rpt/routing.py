@@ -182,7 +182,7 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
     names, skipped = routable(bank, names)
     if not names:
         raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
-                        "give the task with --task")
+                        "give the task with --task, or add the state with crpt bank index-routes BANK")
     entries = {name: bank.get(name) for name in names}
     allowed = answerable([entries[n].meta.get("kind") for n in names], examples)
     unanswerable = (~allowed.any(1)).nonzero().flatten().tolist()

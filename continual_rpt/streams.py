@@ -266,6 +266,20 @@ def _task_spec(item: object, where: str, defaults: dict, data_dir: str | None) -
     return TaskSpec(name=name, task=task, custom=custom, **sections)
 
 
+def spec_from_entry(meta: dict, config: dict, where: str, data_dir: str | None = None) -> TaskSpec:
+    """The spec that trained a bank entry, from its entry.json and config.json; `data_dir` replaces where its files are."""
+    classes = dict(zip(SECTIONS, (DataConfig, PromptConfig, TrainConfig)))
+    sections = {s: build(cls, config.get(s) or {}, f"{where}: config.{s}") for s, cls in classes.items()}
+    if data_dir:
+        sections["data"] = dataclasses.replace(sections["data"], data_dir=data_dir)
+    task, custom = str(meta.get("task", "")), meta.get("custom")
+    if custom and task.lower() in CATALOG and data_dir:  # a CL benchmark task: its files are under the new folder
+        return TaskSpec(meta["name"], "", catalog_task(task.lower(), data_root(sections["data"]), sections["data"].split_from), **sections)
+    if custom:
+        return TaskSpec(meta["name"], "", custom_config_from_dict(custom, f"{where}: custom"), **sections)
+    return TaskSpec(meta["name"], get_task(task).name, None, **sections)
+
+
 def load_data(spec: TaskSpec, base_dir: Path) -> TaskData:
     """Load a task's splits as its spec says (SuperGLUE files or hub, or a custom dataset)."""
     d = spec.data

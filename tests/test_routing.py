@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from crash import hidden, killed
 from test_stream import write_stream
 
 from continual_rpt.backbones import load_backbone
@@ -143,22 +144,75 @@ def test_cli_routes_a_file_that_mixes_tasks(routed_run, superglue_dir, tmp_path,
     assert len(out.read_text().splitlines()) == 100
 
 
-def test_entries_without_route_state_are_skipped_and_named(routed_run, tmp_path, superglue_dir, capsys):
-    _, bank_dir = routed_run
-    old = tmp_path / "old-bank"
+def without_routes(bank_dir, old, names):
+    """A copy of a bank whose entries `names` look made before routing existed: no route file, none in the index."""
     shutil.copytree(bank_dir, old)
     index = json.loads((old / "bank.json").read_text())
-    for item in index["entries"]:  # as made before routing existed: no route file, and the index never listed one
-        if item["name"] in ("CB", "RTE"):
+    for item in index["entries"]:
+        if item["name"] in names:
             (old / item["name"] / ROUTE_FILE).unlink()
             del item["files"][ROUTE_FILE]
     (old / "bank.json").write_text(json.dumps(index))
+    return old
+
+
+def test_entries_without_route_state_are_skipped_and_named(routed_run, tmp_path, superglue_dir, capsys):
+    _, bank_dir = routed_run
+    old = without_routes(bank_dir, tmp_path / "old-bank", ("CB", "RTE"))
     rte = (superglue_dir / "RTE" / "val.jsonl").read_text().splitlines()[:2]
     (tmp_path / "rte.jsonl").write_text("\n".join(rte) + "\n")
     assert main(["bank", "predict", str(old), "--input", str(tmp_path / "rte.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "2 entries hold no route state and are not routed to: CB, RTE" in err and "--task" in err
     assert f"{tmp_path / 'rte.jsonl'}:1: no entry of" in err
+
+
+def files_of(folder):
+    """Every file's bytes under a folder, by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_index_routes_gives_old_entries_the_state_a_run_would_have_stored(routed_run, tmp_path, superglue_dir, capsys):
+    _, bank_dir = routed_run
+    old = without_routes(bank_dir, tmp_path / "old-bank", ("CB", "RTE"))
+    before = files_of(old)
+    # A writer killed after the route file landed but before the index listed it: the entry reads as it was.
+    shutil.copy(bank_dir / "CB" / ROUTE_FILE, old / "CB" / ROUTE_FILE)
+    assert PromptBank.open(old).get("CB").route is None
+
+    changed = tmp_path / "changed"  # other bytes in a file CB trained on: refused, nothing written
+    shutil.copytree(superglue_dir, changed)
+    (changed / "CB" / "train.jsonl").write_text((changed / "CB" / "train.jsonl").read_text() + "\n")
+    assert main(["bank", "index-routes", str(old), "--data-dir", str(changed)]) == 2
+    assert "the data read now differs from what entry 'CB' was trained on" in capsys.readouterr().err
+    assert PromptBank.open(old).get("CB").route is None
+
+    assert main(["bank", "index-routes", str(old)]) == 0
+    assert "added route state to 2 entries" in capsys.readouterr().out
+    after = files_of(old)
+    for name in ("CB", "RTE"):  # the state the run stored, byte for byte; every other file untouched
+        assert after.pop(f"{name}/{ROUTE_FILE}") == (bank_dir / name / ROUTE_FILE).read_bytes()
+    assert after.pop("bank.json") != before.pop("bank.json")
+    assert after == before
+    assert json.loads((old / "bank.json").read_text()) == json.loads((bank_dir / "bank.json").read_text())
+    assert main(["bank", "index-routes", str(old)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(BankError, match="holds route state already"):
+        PromptBank.open(old).add_route("CB", PromptBank.open(old).get("CB").route)
+
+
+@pytest.mark.parametrize("point", ["bank.route-written", "bank.route-renamed"])
+def test_index_routes_killed_leaves_the_entry_as_it_was(routed_run, tmp_path, point):
+    _, bank_dir = routed_run
+    old = without_routes(bank_dir, tmp_path / "old-bank", ("CB",))
+    entries = {name: files_of(old / name) for name in ("CB", "COPA", "RTE")}
+    killed(["bank", "index-routes", old], point)
+    assert hidden(old) == ([f".CB.{ROUTE_FILE}"] if point == "bank.route-written" else [])
+    bank = PromptBank.open(old)
+    assert bank.get("CB").route is None and files_of(old / "COPA") == entries["COPA"]
+    assert main(["bank", "index-routes", str(old)]) == 0  # the next writer finishes the job and removes the leftover
+    assert (old / "CB" / ROUTE_FILE).read_bytes() == (bank_dir / "CB" / ROUTE_FILE).read_bytes()
+    assert hidden(old) == [] and PromptBank.open(old).get("CB").route is not None
 
 
 def test_a_bank_of_two_backbones_cannot_be_routed(routed_run, tmp_path):

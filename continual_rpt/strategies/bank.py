@@ -24,8 +24,9 @@ class BankStrategy:
         if spec.name not in self.bank:
             mine = data[spec.name]
             context = self.context_tasks(self.stream, i)
-            trained = train_task(self.backbone, mine, spec.prompt, spec.train, progress, context=stacked_prompts(self.bank, context))
-            entry = entry_for(spec, mine, self.backbone, self.stream.backbone, trained)
+            frozen = stacked_prompts(self.bank, context)
+            trained = train_task(self.backbone, mine, spec.prompt, spec.train, progress, context=frozen)
+            entry = entry_for(spec, mine, self.backbone, self.stream.backbone, trained, frozen)
             entry.meta["context"] = context
             self.bank.add(spec.name, entry)
         return True

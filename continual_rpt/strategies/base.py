@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from torch import Tensor
+
 from continual_rpt import __version__
 from continual_rpt.backbones import Backbone, BackboneConfig
-from continual_rpt.bank import Entry, PromptBank
-from continual_rpt.learner import TrainedTask
-from continual_rpt.routing import route_state
-from continual_rpt.streams import SECTIONS, Stream, TaskSpec
-from continual_rpt.tasks import Example, Task, TaskData
+from continual_rpt.bank import META_FILE, BankError, Entry, PromptBank
+from continual_rpt.evaluation import load_answerer
+from continual_rpt.learner import TrainedTask, with_context
+from continual_rpt.routing import routable, route_state
+from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data, spec_from_entry
+from continual_rpt.tasks import DataError, Example, Task, TaskData
 
 
 class Strategy(Protocol):
@@ -48,8 +51,13 @@ class Strategy(Protocol):
         """Store whatever the bank still lacks, so that it answers every task of the stream."""
 
 
-def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: BackboneConfig, trained: TrainedTask) -> Entry:
-    """The bank entry of a trained task: P′ and head, plus everything needed to trust and reuse them."""
+def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: BackboneConfig, trained: TrainedTask,
+              context: Tensor | None = None) -> Entry:
+    """The bank entry of a trained task: P′ and head, plus everything needed to trust and reuse them.
+
+    `context`: the frozen prompts that follow P′ when it answers (Progressive Prompts), so that the
+    router's temperature is fitted on the answers the entry gives.
+    """
     meta = {
         "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -73,7 +81,40 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
     if trained.head is not None:
         head = backbone.new_head(data.task)
         head.load_state_dict(trained.head)
-    cfg = spec.train
-    prompt = None if trained.prompt is None else trained.prompt.to(backbone.device)
-    route = route_state(backbone, data.train, data.dev, prompt, head, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
+    prompt = None if trained.prompt is None else with_context(trained.prompt, context).to(backbone.device)
+    route = task_route_state(backbone, spec, data, prompt, head)
     return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history}, route)
+
+
+def task_route_state(backbone: Backbone, spec: TaskSpec, data: TaskData, prompt: Tensor | None, head) -> dict[str, Tensor]:
+    """Route state of a task as its spec trains it: its training inputs' summary and the temperature of its answers."""
+    cfg = spec.train
+    return route_state(backbone, data.train, data.dev, prompt, head, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
+
+
+def index_routes(bank: PromptBank, backbone: Backbone, data_dir: str | None = None, base_dir: Path | None = None) -> list[str]:
+    """Add route state to every entry of `bank` made before routing existed, from the data it was trained on; the names done.
+
+    Each entry's data is read as its stored configuration says (`data_dir` replaces the folder of
+    SuperGLUE and CL benchmark files; relative custom paths resolve against `base_dir`, default the
+    working directory) and must hold the bytes the entry recorded; nothing else of the entry changes.
+    """
+    done = []
+    for name in routable(bank)[1]:
+        entry = bank.get(name)
+        where = bank.path / name / META_FILE
+        spec = spec_from_entry(entry.meta, entry.config, str(where), data_dir)
+        try:
+            data = load_data(spec, base_dir or Path.cwd())
+        except (DataError, OSError) as err:
+            raise BankError(f"{where}: cannot read the data entry {name!r} was trained on ({err}); "
+                            "give the folder that holds it (--data-dir, or --base-dir for a custom task's relative paths)") from None
+        stored = entry.meta.get("data_files") or {}
+        if stored and sorted(stored.values()) != sorted(data.files.values()):
+            changed = sorted(set(data.files) - {p for p, digest in data.files.items() if digest in stored.values()})
+            raise BankError(f"{where}: the data read now differs from what entry {name!r} was trained on "
+                            f"({', '.join(changed) or 'other files'}); route state must summarise its own training inputs")
+        answerer = load_answerer(bank, name, backbone)  # the prompt as it answers, Progressive context included
+        bank.add_route(name, task_route_state(backbone, spec, data, answerer.prompt, answerer.head))
+        done.append(name)
+    return done
