@@ -112,29 +112,57 @@ def _bpe_tokenizer(superglue_dir: Path, bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra)
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory, superglue_dir) -> Path:
-    """A 2-layer, 32-wide GPT-2 with random weights and a byte-level BPE trained offline (no pad token, no BOS added)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _tiny_decoder(tmp_path_factory, superglue_dir, kind: str) -> Path:
+    """A 2-layer, 32-wide decoder of `kind` with random weights and a byte-level BPE trained offline.
 
+    GPT-2, Qwen and OLMo tokenizers add no BOS; Llama, Mistral, Gemma and Phi-3 ones start every text with <s>.
+    GPT-2's has no pad token (the backbone assigns one with a note).
+    """
+    import torch
+    import transformers as hf
+
+    small = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=0)
+    models = {  # grouped KV heads, RoPE, and each family's own twist: Mistral's sliding window, Gemma's scaled embeddings
+        "gpt2": (hf.GPT2LMHeadModel, hf.GPT2Config(vocab_size=1000, n_positions=512, n_embd=32, n_layer=2, n_head=2), False),
+        "llama": (hf.LlamaForCausalLM, hf.LlamaConfig(**small), True),
+        "qwen2": (hf.Qwen2ForCausalLM, hf.Qwen2Config(**small), False),
+        "mistral": (hf.MistralForCausalLM, hf.MistralConfig(**small, sliding_window=256), True),
+        "gemma": (hf.GemmaForCausalLM, hf.GemmaConfig(**small, head_dim=8), True),
+        "qwen3": (hf.Qwen3ForCausalLM, hf.Qwen3Config(**small, head_dim=8), False),  # q/k norms
+        "gemma2": (hf.Gemma2ForCausalLM, hf.Gemma2Config(**small, head_dim=8, sliding_window=256), True),  # soft-capped logits
+        "gemma3_text": (hf.Gemma3ForCausalLM, hf.Gemma3TextConfig(**small, head_dim=8, sliding_window=256), True),
+        "phi3": (hf.Phi3ForCausalLM, hf.Phi3Config(**small, pad_token_id=0), True),  # fused qkv projection
+        "olmo2": (hf.Olmo2ForCausalLM, hf.Olmo2Config(**small, pad_token_id=0), False),
+    }
+    cls, config, bos = models[kind]
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=512, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
-    _bpe_tokenizer(superglue_dir, bos=False).save_pretrained(folder)
+    folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+    cls(config).save_pretrained(folder)
+    _bpe_tokenizer(superglue_dir, bos=bos).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, superglue_dir) -> Path:
-    """A 2-layer, 32-wide Llama (RoPE, grouped KV heads) with random weights and a BPE that starts every text with BOS."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_decoder_dir(tmp_path_factory, superglue_dir):
+    """`tiny_decoder_dir(kind)`: the folder of a tiny random decoder of that kind, built once per session."""
+    built: dict[str, Path] = {}
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    _bpe_tokenizer(superglue_dir, bos=True).save_pretrained(folder)
-    return folder
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = _tiny_decoder(tmp_path_factory, superglue_dir, kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_decoder_dir) -> Path:
+    """A tiny random GPT-2 (no pad token, no BOS added)."""
+    return tiny_decoder_dir("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_decoder_dir) -> Path:
+    """A tiny random Llama (RoPE, grouped KV heads) whose tokenizer starts every text with BOS."""
+    return tiny_decoder_dir("llama")

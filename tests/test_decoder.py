@@ -1,4 +1,4 @@
-"""The decoder-only family on tiny random GPT-2 and Llama models with byte-level BPE tokenizers trained offline."""
+"""The decoder-only family on tiny random GPT-2, Llama, Qwen2, Mistral and Gemma models with byte-level BPE tokenizers trained offline."""
 
 import logging
 
@@ -14,9 +14,9 @@ from continual_rpt.streams import load_stream
 from continual_rpt.tasks import load_task_data
 
 
-@pytest.fixture(params=["gpt2", "llama"])
-def decoder(request, tiny_gpt2_dir, tiny_llama_dir):
-    return load_backbone(str(tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir), "auto", "cpu")
+@pytest.fixture(params=["gpt2", "llama", "qwen2", "mistral", "gemma"])
+def decoder(request, tiny_decoder_dir):
+    return load_backbone(str(tiny_decoder_dir(request.param)), "auto", "cpu")
 
 
 def brute_force_scores(backbone, prompt, examples, max_tokens):
@@ -57,6 +57,31 @@ def test_cached_candidate_ranking_equals_one_full_forward_per_candidate(decoder,
         got = decoder.scores(prompt, None, decoder.collate(decoder.featurize(examples, 64)))  # right-padded, one batch
     for row, want in zip(got, expected):
         assert torch.allclose(row[: len(want)], torch.tensor(want), atol=1e-4), (row, want)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"])
+def test_every_registered_decoder_type_ranks_from_the_cache_under_the_eager_kernel_too(kind, tiny_decoder_dir, superglue_dir):
+    backbone = load_backbone(str(tiny_decoder_dir(kind)), "auto", "cpu", attention="eager")
+    assert backbone.model.config.model_type == kind and backbone.model.config._attn_implementation == "eager"
+    examples = load_task_data("COPA", superglue_dir, max_train=1, seed=0).test[:4]
+    torch.manual_seed(0)
+    prompt = torch.randn(4, backbone.width) * 0.1
+    expected = brute_force_scores(backbone, prompt, examples, 48)
+    with torch.no_grad(), autocast(backbone, False):
+        got = backbone.scores(prompt, None, backbone.collate(backbone.featurize(examples, 48)))
+    for row, want in zip(got, expected):
+        assert torch.allclose(row[: len(want)], torch.tensor(want), atol=1e-4), (kind, row, want)
+
+
+def test_a_sliding_window_caps_the_input_and_is_never_cut(tiny_decoder_dir, superglue_dir):
+    mistral = load_backbone(str(tiny_decoder_dir("mistral")), "auto", "cpu")
+    assert mistral.sliding_window == 256 and mistral.max_positions == 256
+    assert load_backbone(str(tiny_decoder_dir("qwen2")), "auto", "cpu").sliding_window is None  # named, not used
+    mistral.model.config.sliding_window = 24
+    examples = load_task_data("COPA", superglue_dir, max_train=1, seed=0).test[:2]
+    batch = mistral.collate(mistral.featurize(examples, 20))
+    with pytest.raises(ValueError, match="exceed its sliding attention window of 24"), torch.no_grad():
+        mistral.scores(torch.zeros(4, mistral.width), None, batch)
 
 
 def test_a_mixed_batch_gives_each_row_its_own_prompt(decoder, superglue_dir):

@@ -52,7 +52,8 @@ FAMILIES: dict[str, Family] = {
         encoder_decoder=False,
     ),
     "seq2seq": Family(Seq2SeqBackbone, ("t5", "mt5", "umt5"), encoder_decoder=True),
-    "decoder": Family(DecoderBackbone, ("gpt2", "llama", "qwen2", "mistral", "gemma"), encoder_decoder=False),
+    "decoder": Family(DecoderBackbone, ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"),
+                      encoder_decoder=False),
 }
 
 

@@ -1,4 +1,4 @@
-"""Decoder-only family (GPT-2, Llama, Qwen2, Mistral, Gemma): the prompt goes in front of the input,
+"""Decoder-only family (GPT-2, Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3, OLMo 2): the prompt goes in front of the input,
 after the BOS token where the tokenizer adds one; training is teacher-forced on the gold candidate;
 prediction ranks the candidates (label words or choices) by summed log-likelihood. The context runs
 once per example and its key/value cache is reused for every candidate: never one full forward per
@@ -45,10 +45,23 @@ class DecoderBackbone(Backbone):
         return cls(name, AutoModelForCausalLM.from_pretrained(path, **kernel), tokenizer, device, attention)
 
     @property
-    def max_positions(self) -> int:
-        """Longest sequence the position embeddings (or the RoPE training length) allow, prompt included."""
+    def sliding_window(self) -> int | None:
+        """Mistral's attention window (None where the model attends to every earlier position)."""
         config = self.model.config
-        return getattr(config, "max_position_embeddings", None) or config.n_positions
+        if not getattr(config, "use_sliding_window", True):  # Qwen2 names a window but does not use it by default
+            return None
+        return getattr(config, "sliding_window", None)
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position embeddings (or the RoPE training length) allow, prompt included.
+
+        A sliding window caps it: the window is counted in padded positions, so inside it padded and
+        unpadded rows attend alike, and past it they would not.
+        """
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or config.n_positions
+        return min(positions, self.sliding_window or positions)
 
     @property
     def prompt_layers(self) -> nn.ModuleList:
@@ -107,6 +120,11 @@ class DecoderBackbone(Backbone):
         if gold_only:
             keep = keep[batch["slots"] == batch["labels"][batch["rows"]]]
         rows, cand, cand_mask = batch["rows"][keep], batch["cand_ids"][keep], batch["cand_mask"][keep]
+        window = self.sliding_window
+        if window is not None and mask.shape[1] + cand.shape[1] > window:
+            raise ValueError(f"backbone {self.name}: {mask.shape[1]} context positions (prompt included) and {cand.shape[1]} "
+                             f"candidate tokens exceed its sliding attention window of {window}, which would cut padded rows "
+                             "elsewhere than unpadded ones; lower max_length")
         cache = out.past_key_values
         cache.reorder_cache(rows)  # one copy of its example's context per candidate
         follow = self.model.base_model(
