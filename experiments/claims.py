@@ -10,7 +10,9 @@ measured on the backbone without training) and `environment.json`.
 
 Scores are test-half scores (dev half for early stopping only), mean ± sample std over seeds. An
 "average" is the mean over the grid's tasks, taken per seed first, so its std is over seeds too.
-A difference "a − b" pairs runs of the same seed (same data sample and same initial P).
+A difference "a − b" pairs runs of the same seed (same data sample and same initial P); where the
+runs kept their scores on the bootstrap resamples of their test sets (grids run since records
+carry them), it also gets a 95% percentile interval over test examples and seeds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import transformers
 
 from continual_rpt import __version__
-from grid import machine_description
+from grid import machine_description, paired_interval, resampled_by_seed, show_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
@@ -165,11 +167,16 @@ def write_csv(path: Path, rows: list[dict], tasks: list[str]) -> None:
 
 
 def difference_lines(runs: list[dict], pairs: list[tuple[str, tuple[str, str], tuple[str, str]]], tasks: list[str]) -> list[str]:
-    """Markdown bullet lines of paired differences of the task-averaged score."""
+    """Markdown bullet lines of paired differences of the task-averaged score, with a 95% bootstrap
+    interval where the runs kept their resampled test scores (grids run since they do)."""
     lines = []
-    for label, a, b in pairs:
-        mean, std, n = paired_difference(runs, a, b, tasks)
-        lines.append(f"- {label}: {show(mean, std, signed=True)} points ({n} paired seeds)")
+    for label, (method_a, variant_a), (method_b, variant_b) in pairs:
+        mean, std, n = paired_difference(runs, (method_a, variant_a), (method_b, variant_b), tasks)
+        text = f"- {label}: {show(mean, std, signed=True)} points ({n} paired seeds)"
+        first, second = resampled_by_seed(runs, variant_a, method_a, tasks), resampled_by_seed(runs, variant_b, method_b, tasks)
+        if n and len(set(first) & set(second)) == n:  # every pair of seeds has resamples
+            text += f"; 95% interval {show_difference(paired_interval(first, second, tasks, label))}"
+        lines.append(text)
     return lines
 
 

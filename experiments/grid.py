@@ -210,25 +210,32 @@ def interval_lines(runs: list[dict], spec: dict, tasks: list[str]) -> list[str]:
         lines += ["", "Paired differences (same seeds: same training sample, same initial prompt; same test resamples); "
                   "resolved: the interval excludes 0.", ""]
     for a, b in pairs:
-        common = sorted(set(rows[a]) & set(rows[b]))
         label = f"{row_label(*a)} − {row_label(*b)}"
-        if not common:
+        average = paired_interval(rows[a], rows[b], tasks, label)
+        if average is None:
             lines.append(f"- {label}: no seed finished both")
             continue
-        first, second = {s: rows[a][s] for s in common}, {s: rows[b][s] for s in common}
-        for s in common:
-            for t in tasks:
-                if first[s][t]["test_set"] != second[s][t]["test_set"]:
-                    raise SystemExit(f"{t}, seed {s}: {label} were scored on different test examples; they cannot be paired")
-
-        def difference(ts: list[str]) -> str:
-            (x, xs), (y, ys) = scored(first, ts), scored(second, ts)
-            ci = interval(x - y, [p - q for p, q in zip(xs, ys)])
-            return f"{ci.estimate:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]" + (" resolved" if ci.excludes_zero else "")
-
-        per_task = "; ".join(f"{t} {difference([t])}" for t in tasks)
-        lines.append(f"- {label}: average {difference(tasks)} ({len(common)} paired seeds); {per_task}")
+        per_task = "; ".join(f"{t} {show_difference(paired_interval(rows[a], rows[b], [t], label))}" for t in tasks)
+        lines.append(f"- {label}: average {show_difference(average)} ({len(set(rows[a]) & set(rows[b]))} paired seeds); {per_task}")
     return lines
+
+
+def paired_interval(first: dict[int, dict[str, dict]], second: dict[int, dict[str, dict]], tasks: list[str], label: str):
+    """The interval of average(first) − average(second) over `tasks`, seeds paired, by resample; None without common seeds."""
+    common = sorted(set(first) & set(second))
+    if not common:
+        return None
+    for s in common:
+        for t in tasks:
+            if first[s][t]["test_set"] != second[s][t]["test_set"]:
+                raise SystemExit(f"{t}, seed {s}: {label} were scored on different test examples; they cannot be paired")
+    (x, xs), (y, ys) = scored({s: first[s] for s in common}, tasks), scored({s: second[s] for s in common}, tasks)
+    return interval(x - y, [p - q for p, q in zip(xs, ys)])
+
+
+def show_difference(ci) -> str:
+    """'+d [low, high]', and 'resolved' where the interval excludes 0."""
+    return f"{ci.estimate:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]" + (" resolved" if ci.excludes_zero else "")
 
 
 def machine_description() -> str:

@@ -113,6 +113,8 @@ def test_grid_pairs_are_paired_by_seed_and_resample():
     # per resample, seeds averaged: [45, 55, 65, 75, 85] − 50; with 5 resamples the 95% bounds are the extremes
     assert "| deep-rpt (deep5) | 2 | 65.0 [45.0, 85.0] | 65.0 [45.0, 85.0] |" in text
     assert "- deep-rpt (deep5) − linear-probe: average +15.0 [-5.0, +35.0] (2 paired seeds); CB +15.0 [-5.0, +35.0]" in text
+    lines = claims.difference_lines(runs, [("deep − probe", ("deep-rpt", "deep5"), ("linear-probe", ""))], ["CB"])
+    assert lines == ["- deep − probe: +15.0 ± 7.1 points (2 paired seeds); 95% interval +15.0 [-5.0, +35.0]"]
     runs[1]["test_resampled"] = [60, 61, 62, 63, 64]  # per resample: [5, 10.5, 16, 21.5, 27] above the probe
     assert "average +15.0 [+5.0, +27.0] resolved (2 paired seeds)" in "\n".join(grid.interval_lines(runs, spec, ["CB"]))
     runs[3]["test_set"] = "other"
