@@ -10,7 +10,9 @@ and `head`, the control with no prompt at all (only an encoder backbone's task h
 Deep prompts, `deep-rpt` and `deep-pt`: P holds n vectors for each of the backbone's L layers,
 [L, n, d], and layer l reads P′[l] at the prompt's positions in place of what layer l-1 wrote there
 (the backbones do this with forward pre-hooks, see `backbones.base.deep_prompt_hooks`). One Φ is
-shared by every layer and token: the same per-token map, so its parameters do not grow with L.
+shared by every layer and token by default: the same per-token map, so its parameters do not grow
+with L. Options: `per_layer` (a Φ per layer, L times the parameters) and `layer_embedding` (a
+learned vector per layer added to P[l] before the shared Φ). All collapse to the same [L, n, d].
 Prompt *states* at every layer rather than key/value prefixes (prefix-tuning, P-tuning v2): the
 collapsed P′ keeps the shallow prompt's form, one vector per token and layer, so Φ, collapse, the
 bank and mixed-task batches treat deep entries as a stack of shallow ones, and it needs no per-model
@@ -45,6 +47,8 @@ class PromptConfig:
     layer_norm: bool = field(default=True, metadata={"help": "LayerNorm at the end of φ"})
     dropout: float = field(default=0.0, metadata={"help": "dropout inside φ (training only)"})
     per_token: bool = field(default=False, metadata={"help": "one φ per prompt token instead of one shared φ"})
+    per_layer: bool = field(default=False, metadata={"help": "deep-rpt: one φ per layer instead of one shared by all layers"})
+    layer_embedding: bool = field(default=False, metadata={"help": "deep-rpt: a learned vector per layer (zero at the start) added to P before Φ"})
     blocks: int = field(default=1, metadata={"help": "number of stacked reparameterization blocks"})
     match_embedding_scale: bool = field(
         default=False,
@@ -65,6 +69,9 @@ class PromptConfig:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        for name in ("per_layer", "layer_embedding"):
+            if getattr(self, name) and self.method != "deep-rpt":
+                raise ValueError(f"{name}: applies to deep-rpt (a Φ at every layer), not to {self.method}")
         if self.match_embedding_scale and not self.layer_norm:
             raise ValueError("match_embedding_scale: needs layer_norm, whose gain sets φ's output scale")
 
@@ -101,13 +108,13 @@ class Reparameterization(nn.Module):
         self.ln_weight = nn.Parameter(torch.full((n_nets, d), gain)) if cfg.layer_norm else None
         self.ln_bias = nn.Parameter(torch.zeros(n_nets, d)) if cfg.layer_norm else None
 
-    def forward(self, prompt: Tensor) -> Tensor:
-        """prompt: [n, d] -> [n, d]; with one shared network the weights broadcast over tokens."""
+    def forward(self, prompt: Tensor, nets: slice = slice(None)) -> Tensor:
+        """prompt: [n, d] -> [n, d] through networks `nets` (one, broadcast over tokens, or one per token)."""
         x = prompt.unsqueeze(1)  # [n, 1, d]
-        h = self.dropout(self.activation(x @ self.w1 + self.b1.unsqueeze(1)))  # [n, 1, m]
-        y = (h @ self.w2 + self.b2.unsqueeze(1)).squeeze(1)  # [n, d]
+        h = self.dropout(self.activation(x @ self.w1[nets] + self.b1[nets].unsqueeze(1)))  # [n, 1, m]
+        y = (h @ self.w2[nets] + self.b2[nets].unsqueeze(1)).squeeze(1)  # [n, d]
         if self.ln_weight is not None:
-            y = F.layer_norm(y, y.shape[-1:]) * self.ln_weight + self.ln_bias
+            y = F.layer_norm(y, y.shape[-1:]) * self.ln_weight[nets] + self.ln_bias[nets]
         return y + prompt if self.skip else y
 
 
@@ -132,19 +139,25 @@ class ResidualPrompt(nn.Module):
             if embedding_norm is None:
                 raise ValueError("match_embedding_scale needs the backbone's mean word-embedding norm")
             gain = embedding_norm / math.sqrt(d)  # LayerNorm output has norm ≈ √d · gain
-        n_nets = cfg.n_tokens if cfg.per_token else 1
-        blocks = [Reparameterization(n_nets, d, cfg, gain) for _ in range(cfg.blocks)] if cfg.reparameterized else []
+        self.nets_per_layer = cfg.n_tokens if cfg.per_token else 1
+        layers = init.shape[0] if cfg.per_layer else 1
+        blocks = [Reparameterization(layers * self.nets_per_layer, d, cfg, gain) for _ in range(cfg.blocks)] if cfg.reparameterized else []
         self.blocks = nn.ModuleList(blocks)
+        # Zero at the start, so a layer embedding changes nothing until it trains; it tells a shared Φ which layer it serves.
+        self.layer_embedding = nn.Parameter(torch.zeros(init.shape[0], 1, d)) if cfg.layer_embedding else None
 
     def forward(self) -> Tensor:
-        """Φ(P): [n, d] in fp32 ([L, n, d] for a deep prompt, every layer through the same Φ)."""
-        if self.prompt.dim() == 3:
-            return torch.stack([self._phi(layer) for layer in self.prompt])
-        return self._phi(self.prompt)
+        """Φ(P): [n, d] in fp32 ([L, n, d] for a deep prompt: every layer through the shared Φ, or its own)."""
+        if self.prompt.dim() == 2:
+            return self._phi(self.prompt, slice(None))
+        k = self.nets_per_layer
+        prompt = self.prompt if self.layer_embedding is None else self.prompt + self.layer_embedding
+        return torch.stack([self._phi(layer, slice(l * k, (l + 1) * k) if self.cfg.per_layer else slice(None))
+                            for l, layer in enumerate(prompt)])
 
-    def _phi(self, x: Tensor) -> Tensor:
+    def _phi(self, x: Tensor, nets: slice) -> Tensor:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, nets)
         return x
 
     @torch.no_grad()
@@ -175,7 +188,7 @@ def initial_prompt(
     `cfg.init_text` (ignored unless init is `text`).
     """
     if cfg.deep:
-        flat = dataclasses.replace(cfg, method="rpt")
+        flat = dataclasses.replace(cfg, method="rpt", per_layer=False, layer_embedding=False)
         return torch.stack([initial_prompt(flat, embeddings, vocab_ids, text_ids, generator) for _ in range(layers)])
     n, d = cfg.n_tokens, embeddings.shape[1]
     if cfg.init == "vocab":

@@ -32,6 +32,31 @@ def test_a_deep_prompt_has_one_slice_per_layer_through_one_shared_phi(backbone):
     assert deep.stored_parameters() == backbone.depth * 3 * backbone.width  # Φ is shared: it does not grow with the layers
 
 
+def test_per_layer_phi_and_layer_embedding_options(tiny_bert):
+    base = dict(method="deep-rpt", n_tokens=3, bottleneck=8)
+    shared = build_prompt(tiny_bert, PromptConfig(**base), seed=0)
+    per_layer = build_prompt(tiny_bert, PromptConfig(**base, per_layer=True), seed=0)
+    phi = shared.trainable_parameters() - shared.prompt.numel()
+    assert per_layer.trainable_parameters() - per_layer.prompt.numel() == tiny_bert.depth * phi
+    with torch.no_grad():  # layer l goes through network l alone: change network 1, and only layer 1 moves
+        before = per_layer.collapse()
+        per_layer.blocks[0].w2[1] += torch.randn_like(per_layer.blocks[0].w2[1])  # not constant: the LayerNorm would remove it
+        after = per_layer.collapse()
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
+
+    embedded = build_prompt(tiny_bert, PromptConfig(**base, layer_embedding=True), seed=0)
+    assert embedded.trainable_parameters() == shared.trainable_parameters() + tiny_bert.depth * tiny_bert.width
+    assert torch.equal(embedded.collapse(), shared.collapse())  # zero at the start: the shared Φ's prompt exactly
+    with torch.no_grad():
+        embedded.layer_embedding[1] += 0.5
+    expected = shared.blocks[0](shared.prompt[1] + 0.5)
+    assert torch.allclose(embedded.collapse()[1], expected) and torch.equal(embedded.collapse()[0], shared.collapse()[0])
+    with pytest.raises(ValueError, match="per_layer: applies to deep-rpt"):
+        PromptConfig(method="rpt", per_layer=True)
+    with pytest.raises(ValueError, match="layer_embedding: applies to deep-rpt"):
+        PromptConfig(method="deep-pt", layer_embedding=True)
+
+
 def test_later_layers_read_the_deep_prompt_and_the_hooks_go_away(backbone, superglue_dir):
     examples = load_task_data("RTE", superglue_dir, max_train=1, seed=0).test[:3]
     head = backbone.new_head(load_task_data("RTE", superglue_dir, max_train=1, seed=0).task)
