@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from test_routing import without_routes
 from test_stream import write_stream
 
-from continual_rpt.bank import PromptBank
+from continual_rpt.bank import ROUTE_FILE, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import load_answerer, predict
 from continual_rpt.run import run_stream
@@ -36,6 +37,10 @@ def test_progressive_prompts_grow_and_never_forget(tmp_path, tiny_bert, tiny_ber
     assert torch.equal(prompt, torch.cat(own))
     rte = load_data(stream.tasks[2], stream.base_dir)
     assert task.score(rte.test, predict(tiny_bert, prompt, head, rte.test, 96, bf16=False)) == metrics["per_task"]["RTE"]["final_test"]
+    # Route state made later (index-routes) equals the run's, on a bank whose entries answer with a context.
+    old = without_routes(tmp_path / "run" / "bank", tmp_path / "old-bank", ("RTE",))
+    assert main(["bank", "index-routes", str(old)]) == 0
+    assert (old / "RTE" / ROUTE_FILE).read_bytes() == (tmp_path / "run" / "bank" / "RTE" / ROUTE_FILE).read_bytes()
 
 
 def test_shared_prompt_moves_and_the_bank_holds_its_final_state(tmp_path, tiny_bert_dir, superglue_dir):
