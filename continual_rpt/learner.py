@@ -334,16 +334,16 @@ def _fit(
         if data.test:
             features = backbone.featurize(data.test, max_tokens)
 
-            def test_score(used: Tensor | None) -> dict:
-                return data.task.score(data.test, predict_shared(backbone, with_context(used, context), heads[t], features, cfg))
+            def test_predictions(used: Tensor | None) -> list[int]:
+                return predict_shared(backbone, with_context(used, context), heads[t], features, cfg)
 
-            predictions = predict_shared(backbone, with_context(best.collapsed, context), heads[t], features, cfg)
+            predictions = test_predictions(best.collapsed)
             test = data.task.score(data.test, predictions)
             # What the prompt adds: the trained head alone, and P without the Φ it was trained through.
             if prompt is not None and heads[t] is not None:
                 added["test_without_prompt"] = data.task.score(data.test, predict_shared(backbone, None, heads[t], features, cfg))["score"]
             if prompt is not None and prompt.cfg.reparameterized:
-                added["test_without_phi"] = test_score(prompt.prompt.detach().clone())["score"]
+                added["test_without_phi"] = data.task.score(data.test, test_predictions(prompt.prompt.detach().clone()))["score"]
         n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0
         metrics = {
             "task": data.task.name,

@@ -104,6 +104,13 @@ def shared_precision(states: list[dict[str, Tensor]]) -> Tensor:
     return torch.linalg.inv(cov)
 
 
+def mahalanobis_distances(x: Tensor, states: list[dict[str, Tensor]]) -> Tensor:
+    """Squared Mahalanobis distance of every feature row to every state's mean under the shared covariance, [N, T] fp64."""
+    means = torch.stack([s["mean"] for s in states]).double()  # [T, d]
+    diff = x.double().unsqueeze(1) - means.unsqueeze(0)  # [N, T, d]
+    return torch.einsum("ntd,de,nte->nt", diff, shared_precision(states), diff)
+
+
 def route_features(x: Tensor, states: list[dict[str, Tensor]], router: str, allowed: Tensor | None = None) -> tuple[list[int], list[float]]:
     """Index of the chosen state for every feature row, and its routing score (posterior, or cosine).
 
@@ -118,9 +125,7 @@ def route_features(x: Tensor, states: list[dict[str, Tensor]], router: str, allo
         return best.indices.tolist(), best.values.tolist()
     if router != "mahalanobis":
         raise ValueError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
-    precision = shared_precision(states)
-    diff = x.unsqueeze(1) - means.unsqueeze(0)  # [N, T, d]
-    distance = torch.einsum("ntd,de,nte->nt", diff, precision, diff).masked_fill(~allowed, float("inf"))
+    distance = mahalanobis_distances(x, states).masked_fill(~allowed, float("inf"))
     posterior = (-distance / 2).softmax(1)  # equal priors, one shared Gaussian shape
     best = posterior.max(1)
     return best.indices.tolist(), best.values.tolist()

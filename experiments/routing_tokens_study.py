@@ -31,7 +31,7 @@ from grid import machine_description  # noqa: E402
 from routing import finished_run, run_parser  # noqa: E402
 
 import continual_rpt  # noqa: E402
-from continual_rpt.routing import answerable, input_features, shared_precision  # noqa: E402
+from continual_rpt.routing import answerable, input_features, mahalanobis_distances  # noqa: E402
 
 BUCKETS, MAX_INPUTS = 4096, 2000
 ALPHAS, WEIGHTS = (0.1, 1.0), (0.0, 0.3, 1.0, 3.0, None)
@@ -66,11 +66,10 @@ def main() -> int:
         return random.Random(0).sample(train, MAX_INPUTS) if len(train) > MAX_INPUTS else train
 
     counts = torch.stack([bag(sample(data[n].train)).sum(0) for n in names])
-    means, precision = torch.stack([s["mean"] for s in states]).double(), shared_precision(states)
     dev = {}
     for n in names:
-        diff = input_features(backbone, backbone.featurize(data[n].dev, max_length)).double().unsqueeze(1) - means.unsqueeze(0)
-        dev[n] = (-0.5 * torch.einsum("ntd,de,nte->nt", diff, precision, diff), bag(data[n].dev), answerable(kinds, data[n].dev))
+        x = input_features(backbone, backbone.featurize(data[n].dev, max_length))
+        dev[n] = (-0.5 * mahalanobis_distances(x, states), bag(data[n].dev), answerable(kinds, data[n].dev))
     rows = []
     for alpha in ALPHAS:
         log_p = torch.log((counts + alpha) / (counts + alpha).sum(1, keepdim=True))

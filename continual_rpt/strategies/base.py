@@ -101,8 +101,8 @@ def index_routes(bank: PromptBank, backbone: Backbone, data_dir: str | None = No
     """
     done = []
     for name in routable(bank)[1]:
-        entry = bank.get(name)
-        where = bank.path / name / META_FILE
+        answerer = load_answerer(bank, name, backbone)  # the prompt as it answers, Progressive context included
+        entry, where = answerer.entry, bank.path / name / META_FILE
         spec = spec_from_entry(entry.meta, entry.config, str(where), data_dir)
         try:
             data = load_data(spec, base_dir or Path.cwd())
@@ -111,10 +111,9 @@ def index_routes(bank: PromptBank, backbone: Backbone, data_dir: str | None = No
                             "give the folder that holds it (--data-dir, or --base-dir for a custom task's relative paths)") from None
         stored = entry.meta.get("data_files") or {}
         if stored and sorted(stored.values()) != sorted(data.files.values()):
-            changed = sorted(set(data.files) - {p for p, digest in data.files.items() if digest in stored.values()})
+            changed = [path for path, digest in sorted(data.files.items()) if digest not in stored.values()]
             raise BankError(f"{where}: the data read now differs from what entry {name!r} was trained on "
                             f"({', '.join(changed) or 'other files'}); route state must summarise its own training inputs")
-        answerer = load_answerer(bank, name, backbone)  # the prompt as it answers, Progressive context included
         bank.add_route(name, task_route_state(backbone, spec, data, answerer.prompt, answerer.head))
         done.append(name)
     return done
