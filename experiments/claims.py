@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -40,6 +41,10 @@ from grid import machine_description, paired_interval, resampled_by_seed, show_d
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
+# What the lr and design grids vary. A grid that leaves out its reference setting (lr 0.3; m = 400,
+# shared φ with LayerNorm) borrows the methods grid's n = 10 runs for it, and the controls, which
+# the cl-cpu grids run once: the same runs, so repeating them would only cost time.
+VARIED = {"lr": ("train_config", {"lr"}), "design": ("prompt_config", {"bottleneck", "per_token", "layer_norm", "match_embedding_scale"})}
 METHOD_COLORS = {"rpt": "tab:blue", "pt": "tab:orange", "pt-mlp": "tab:green", "head": "grey"}
 
 
@@ -52,6 +57,42 @@ def load_grid(results: Path, grid: str) -> list[dict]:
         except json.JSONDecodeError as err:
             raise SystemExit(f"{path}: not a run record ({err}); delete it and re-run the grid to redo that run") from err
     return records
+
+
+def differences(record: dict, other: dict, ignored: dict[str, set[str]]) -> list[str]:
+    """The settings in which two runs differ, leaving out the method and the `ignored` keys of each config."""
+    found = [f"{name}.{key}" for name in ("prompt_config", "train_config")
+             for key in sorted(set(record.get(name, {})) | set(other.get(name, {})))
+             if key != "method" and key not in ignored.get(name, set()) and record[name].get(key) != other[name].get(key)]
+    return found + [key for key in ("train_examples", "test_set") if record.get(key) != other.get(key)]
+
+
+def with_references(grid: str, runs: list[dict], methods_runs: list[dict]) -> list[dict]:
+    """`runs` of the lr or design grid, plus the methods grid's runs it left out: the controls and the
+    n = 10 runs at the reference setting, labelled as its variant (lr0.3, m400). Each borrowed run must
+    match the grid's runs of its task and seed in everything but the setting the grid varies."""
+    if not runs or grid not in VARIED:
+        return runs
+    section, keys = VARIED[grid]
+    studied = {r["method"] for r in runs}
+    borrowed = []
+    for ref in finished(methods_runs):
+        control = ref["method"] in ("head", "linear-probe")
+        if control:
+            label, ignored = "", {"prompt_config": set(ref["prompt_config"]), section: keys}
+        elif ref.get("variant") == "n10" and ref["method"] in studied:
+            label, ignored = (f"lr{ref['train_config']['lr']:g}" if grid == "lr" else f"m{ref['prompt_config']['bottleneck']}"), {section: keys}
+        else:
+            continue
+        if ref["method"] in studied and (control or select(runs, ref["method"], label)):
+            continue  # the grid ran this control or its reference setting itself
+        for partner in (r for r in runs if r["task"] == ref["task"] and r["seed"] == ref["seed"] and (control or r["method"] == ref["method"])):
+            if mismatch := differences(ref, partner, ignored):
+                raise SystemExit(f"claims_methods' {ref['task']} {ref['method']} {ref['variant'] or ''} seed {ref['seed']} cannot stand in "
+                                 f"for claims_{grid}'s {label or ref['method']}: it differs from {partner['task']} {partner['method']} "
+                                 f"{partner['variant']} seed {partner['seed']} in {', '.join(mismatch)}; give the {grid} grid that setting itself")
+        borrowed.append({**ref, "variant": label, "borrowed_from": "claims_methods"})
+    return runs + borrowed
 
 
 def select(runs: list[dict], method: str, variant: str = "") -> list[dict]:
@@ -218,10 +259,10 @@ def methods_and_length(out: Path, runs: list[dict]) -> list[str]:
         return ["## Claims 1–2: methods and prompt length", "", "Not run yet.", ""]
     tasks, lengths, methods = tasks_of(runs), lengths_of(runs), methods_of(runs, ("rpt", "pt", "pt-mlp"))
     probe = [("linear probe control", "linear-probe", "")] * any(r["method"] == "linear-probe" for r in runs)
-    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods]
+    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods if select(runs, m, v)]
     pairs = [(f"rpt − pt at n={v[1:]}", ("rpt", v), ("pt", v)) for v in lengths]
     pairs += [(f"rpt at n={v[1:]} − linear probe", ("rpt", v), ("linear-probe", "")) for v in lengths if probe]
-    pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths if "pt-mlp" in methods]
+    pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths if select(runs, "pt-mlp", v)]
     pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100"))] * ("n100" in lengths)
     pairs += [("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
               ("pt at n=10 − head-only", ("pt", "n10"), ("head", ""))]
@@ -239,27 +280,30 @@ def learning_rate(out: Path, runs: list[dict]) -> list[str]:
         return ["## Claim 3: learning-rate robustness", "", "Not run yet.", ""]
     tasks = tasks_of(runs)
     lrs = sorted({r["variant"] for r in runs if r["variant"]}, key=lambda v: float(v[2:]))
-    rows = [("head-only control", "head", "")] + [(f"{m}, lr {v[2:]}", m, v) for m in ("rpt", "pt") for v in lrs]
+    probe = [("linear probe control", "linear-probe", "")] * any(r["method"] == "linear-probe" for r in runs)
+    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, lr {v[2:]}", m, v) for m in ("rpt", "pt") for v in lrs]
     notes = ["Spread (max − min over learning rates of the seed-mean task average):"]
     series = {}
     for method in ("rpt", "pt"):
         means = {v: average(runs, method, v, tasks) for v in lrs}
         series[method] = [means[v] for v in lrs]
-        paper = [means[v][0] for v in lrs if float(v[2:]) >= 0.01 and means[v][0] == means[v][0]]
+        paper = {float(v[2:]): means[v][0] for v in lrs if 0.01 <= float(v[2:]) <= 10 and means[v][0] == means[v][0]}
         every = [m for m, _ in means.values() if m == m]
         tried = {v: select(runs, method, v) for v in lrs}
         failed = [f"lr {v[2:]} in {len(mine) - len(finished(mine))} of {len(mine)} runs" for v, mine in tried.items()
                   if len(finished(mine)) < len(mine)]
         if failed:
             notes.append(f"- {method} diverged (no finite dev evaluation) at: " + ", ".join(failed))
-        if every:
-            notes.append(f"- {method}: {max(paper) - min(paper):.1f} points over lr 0.01–10 (the paper's range for its "
-                         f"< 2 points claim), {max(every) - min(every):.1f} over all six; best lr "
-                         f"{max(means, key=lambda v: means[v][0])[2:]}")
+        if paper:
+            notes.append(f"- {method}: {max(paper.values()) - min(paper.values()):.1f} points over lr {min(paper):g}–{max(paper):g} "
+                         f"(inside the paper's 0.01–10 range for its < 2 points claim), {max(every) - min(every):.1f} over "
+                         f"all {len(every)}; best lr {max(means, key=lambda v: means[v][0])[2:]}")
+    pairs = [(f"{m}: lr {v[2:]} − lr {w[2:]}", (m, v), (m, w)) for m in ("rpt", "pt") for v, w in zip(lrs, lrs[1:])]
+    notes += ["", "Paired differences of the task average between neighbouring learning rates:", *difference_lines(runs, pairs, tasks)]
     head = average(runs, "head", "", tasks)
-    line_plot(out / "learning_rate.png", "Learning-rate robustness (claim 3)", "learning rate of P and Φ",
-              [float(v[2:]) for v in lrs], series, head, log_x=True)
-    return section(out, "learning_rate", "Claim 3: learning-rate robustness, lr ∈ {0.001, 0.01, 0.03, 0.3, 1, 10}",
+    line_plot(out / "learning_rate.png", "Learning-rate robustness (claim 3)", "learning rate of P" + " and Φ" * (not any(
+              r.get("train_config", {}).get("phi_lr") for r in runs)), [float(v[2:]) for v in lrs], series, head, log_x=True)
+    return section(out, "learning_rate", f"Claim 3: learning-rate robustness, lr ∈ {{{', '.join(v[2:] for v in lrs)}}}",
                    runs, rows, notes)
 
 
@@ -279,18 +323,20 @@ def design(out: Path, runs: list[dict], scale_lines: list[str]) -> list[str]:
     """Claim 4 and the scale question: bottleneck m, shared vs per-token φ, LayerNorm, scale-matched output."""
     if not runs:
         return ["## Claim 4: design of φ, and φ's output scale", "", "Not run yet.", ""]
-    tasks, widths = tasks_of(runs), ("m10", "m50", "m100", "m400", "m1500")
-    rows = [("head-only control", "head", "")] + [(f"rpt, m={v[1:]}" + (" (as published: shared, LayerNorm)" if v == "m400" else ""), "rpt", v) for v in widths]
-    rows += [("rpt, one φ per token (m=400)", "rpt", "per-token"), ("rpt, no LayerNorm (m=400)", "rpt", "no-layernorm"),
-             ("rpt, output scale matched to the embeddings (m=400)", "rpt", "scale-matched")]
-    pairs = [("per-token − shared", ("rpt", "per-token"), ("rpt", "m400")),
-             ("no LayerNorm − LayerNorm", ("rpt", "no-layernorm"), ("rpt", "m400")),
-             ("scale-matched − as published", ("rpt", "scale-matched"), ("rpt", "m400")),
-             ("m=1500 − m=10", ("rpt", "m1500"), ("rpt", "m10")),
-             ("m=50 − m=10", ("rpt", "m50"), ("rpt", "m10"))]
+    tasks = tasks_of(runs)
+    widths = sorted({r["variant"] for r in runs if re.fullmatch(r"m\d+", r["variant"])}, key=lambda v: int(v[1:]))
+    others = [(label, v, pair) for label, v, pair in (("one φ per token", "per-token", "per-token − shared"),
+                                                      ("no LayerNorm", "no-layernorm", "no LayerNorm − LayerNorm"),
+                                                      ("output scale matched to the embeddings", "scale-matched", "scale-matched − as published"))
+              if select(runs, "rpt", v)]
+    rows = [("head-only control", "head", "")] + [("linear probe control", "linear-probe", "")] * bool(select(runs, "linear-probe"))
+    rows += [(f"rpt, m={v[1:]}" + (" (as published: shared, LayerNorm)" if v == "m400" else ""), "rpt", v) for v in widths]
+    rows += [(f"rpt, {label} (m=400)", "rpt", v) for label, v, _ in others]
+    pairs = [(pair, ("rpt", v), ("rpt", "m400")) for _, v, pair in others]
+    pairs += [(f"m={v[1:]} − m=400", ("rpt", v), ("rpt", "m400")) for v in widths if v != "m400"]
     series = {"rpt": [average(runs, "rpt", v, tasks) for v in widths]}
     head = average(runs, "head", "", tasks)
-    line_plot(out / "bottleneck.png", "Bottleneck width (claim 4)", "bottleneck m", [10, 50, 100, 400, 1500], series, head, log_x=True)
+    line_plot(out / "bottleneck.png", "Bottleneck width (claim 4)", "bottleneck m", [int(v[1:]) for v in widths], series, head, log_x=True)
     notes = ["Paired differences of the task average (m=400 shared with LayerNorm is the reference):",
              *difference_lines(runs, pairs, tasks), "", *scale_lines]
     return section(out, "design", "Claim 4: bottleneck m, shared vs per-token φ, LayerNorm; φ's output scale", runs, rows, notes)
@@ -302,15 +348,15 @@ def few_shot(out: Path, runs: list[dict]) -> list[str]:
         return ["## Claim 5: few-shot", "", "Not run yet.", ""]
     tasks = tasks_of(runs)
     ks = sorted({r["variant"] for r in runs}, key=lambda v: int(v[1:]))
-    rows = [(f"{m}, k={v[1:]}", m, v) for v in ks for m in ("head", "rpt", "pt")]
+    controls = ("head", "linear-probe") if select(runs, "linear-probe", ks[0]) else ("head",)
+    rows = [(f"{m}, k={v[1:]}", m, v) for v in ks for m in (*controls, "rpt", "pt")]
     pairs = [(f"rpt − pt at k={v[1:]}", ("rpt", v), ("pt", v)) for v in ks]
-    pairs += [(f"rpt − head-only at k={v[1:]}", ("rpt", v), ("head", v)) for v in ks]
+    pairs += [(f"rpt − {c} at k={v[1:]}", ("rpt", v), (c, v)) for v in ks for c in controls]
     series = {m: [average(runs, m, v, tasks) for v in ks] for m in ("rpt", "pt", "head")}
     line_plot(out / "few_shot.png", "Few-shot (claim 5)", "training examples per class", [int(v[1:]) for v in ks], series, None)
-    return section(out, "few_shot", "Claim 5: few-shot, k ∈ {5, 20, 100} examples per class", runs, rows,
+    return section(out, "few_shot", f"Claim 5: few-shot, k ∈ {{{', '.join(v[1:] for v in ks)}}} examples per class", runs, rows,
                    ["Paired differences of the task average:", *difference_lines(runs, pairs, tasks), "",
-                    "No majority-class row: every class has k training examples, so the majority is a tie. "
-                    "Both tasks are binary (chance 50)."], majority=False)
+                    "No majority-class row: every class has k training examples, so the majority is a tie."], majority=False)
 
 
 def mean_curve(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -408,6 +454,7 @@ def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shown = os.path.relpath(results)  # commands as typed from the repository root
     runs = {grid: load_grid(results, grid) for grid in GRIDS}
+    runs = {grid: with_references(grid, grid_runs, runs["methods"]) for grid, grid_runs in runs.items()}
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs}) or [0, 1, 2]
     threads = sorted({r.get("torch_threads", "unrecorded") for rs in runs.values() for r in rs}, key=str)
     text = ["# The paper's claims at CPU scale", "",
@@ -420,7 +467,7 @@ def write_claims(results: Path = RESULTS, backbone: str = "embedded") -> Path:
     env = {
         "commands": [f"python experiments/grid.py {spec} --results {shown}" for spec in grid_files(results, runs)]
                     + [f"python experiments/claims.py --results {shown}"],
-        "runs": {g: len(rs) for g, rs in runs.items()}, "seeds": seeds, "torch_threads_of_runs": threads,
+        "runs": {g: sum("borrowed_from" not in r for r in rs) for g, rs in runs.items()}, "seeds": seeds, "torch_threads_of_runs": threads,
         "machine": machine_description(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": __version__,
         "date": time.strftime("%Y-%m-%d"),

@@ -38,8 +38,9 @@ def test_learning_rate_section_reports_spread_over_the_papers_range(tmp_path):
         runs.append(record("CB", "rpt", lr, 0, score))
         runs.append(record("CB", "pt", lr, 0, score - 10 if lr == "lr10" else score))
     text = "\n".join(claims.learning_rate(tmp_path, runs))
-    assert "- rpt: 3.0 points over lr 0.01–10" in text and "33.0 over all six; best lr 0.3" in text
+    assert "- rpt: 3.0 points over lr 0.01–10" in text and "33.0 over all 4; best lr 0.3" in text
     assert "- pt: 12.0 points over lr 0.01–10" in text
+    assert "lr ∈ {0.001, 0.01, 0.3, 10}" in text and "- pt: lr 0.3 − lr 10: +12.0 ± 0.0 points (1 paired seeds)" in text
     assert "| head-only control | 55.0 ± 0.0 |" in text
     assert (tmp_path / "learning_rate.png").stat().st_size > 0
     rows = (tmp_path / "learning_rate.csv").read_text().splitlines()
@@ -122,3 +123,33 @@ def test_grid_pairs_are_paired_by_seed_and_resample():
         grid.interval_lines(runs, spec, ["CB"])
     with pytest.raises(SystemExit, match=r"pairs\[0\]: 'rpt \(deep5\)' is not a row of this grid"):
         grid.check_pairs({**spec, "pairs": [["rpt (deep5)", "linear-probe"]]})
+
+
+def configured(method, variant, seed, test, lr=0.3, bottleneck=400, epochs=8):
+    """A run record with the configs and data ids that decide whether it can stand in for another grid's run."""
+    return {**record("ag", method, variant, seed, test), "train_examples": 256, "test_set": "t",
+            "prompt_config": {"method": method, "n_tokens": 10, "bottleneck": bottleneck},
+            "train_config": {"lr": lr, "epochs": epochs, "seed": seed}}
+
+
+def test_lr_and_design_grids_borrow_the_methods_grids_reference_runs_only_when_they_match(tmp_path):
+    methods = [configured("rpt", "n10", 0, 80), configured("pt", "n10", 0, 78), configured("rpt", "n2", 0, 79),
+               configured("head", "", 0, 70), configured("linear-probe", "", 0, 71)]
+    lr = [configured("rpt", "lr0.03", 0, 75, lr=0.03), configured("pt", "lr0.03", 0, 74, lr=0.03)]
+    got = {(r["method"], r["variant"]): r["test_score"] for r in claims.with_references("lr", lr, methods)}
+    assert got == {("rpt", "lr0.03"): 75, ("pt", "lr0.03"): 74, ("rpt", "lr0.3"): 80, ("pt", "lr0.3"): 78,
+                   ("head", ""): 70, ("linear-probe", ""): 71}
+    text = "\n".join(claims.learning_rate(tmp_path, claims.with_references("lr", lr, methods)))
+    assert "- rpt: lr 0.03 − lr 0.3: -5.0 ± 0.0 points (1 paired seeds)" in text
+
+    design = [configured("rpt", "m50", 0, 77, bottleneck=50)]
+    got = {(r["method"], r["variant"]) for r in claims.with_references("design", design, methods)}
+    assert got == {("rpt", "m50"), ("rpt", "m400"), ("head", ""), ("linear-probe", "")}  # pt is not in the design grid
+
+    own = lr + [configured("rpt", "lr0.3", 0, 66)]  # a grid that ran its reference itself keeps its own run
+    assert [r["test_score"] for r in claims.with_references("lr", own, methods) if r["variant"] == "lr0.3" and r["method"] == "rpt"] == [66]
+    assert claims.with_references("init", lr, methods) == lr  # other grids borrow nothing
+
+    other_budget = [configured("rpt", "lr0.03", 0, 75, lr=0.03, epochs=6)]
+    with pytest.raises(SystemExit, match=r"differs from ag rpt lr0.03 seed 0 in train_config.epochs"):
+        claims.with_references("lr", other_budget, methods)
