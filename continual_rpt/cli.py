@@ -289,17 +289,18 @@ def predict_routed(bank, args: argparse.Namespace) -> int:
     for number, line in lines:
         where = f"{args.input}:{number}"
         row = decode_json_line(line, where)
-        readers, parsed, errors = [], None, []
-        for name, task in tasks.items():
+        # Offered to the entries whose task needs no field the row lacks, and read without its label: a gold
+        # label (which one task's parser would refuse for naming another's class) plays no part in routing.
+        readers, parsed, errors = [name for name, task in tasks.items() if task.reads_row(row)], None, []
+        for name in readers:
             try:
-                examples = task.parse(row, where)
+                parsed = tasks[name].parse_inputs(row, where)
+                break
             except DataError as err:
                 errors.append(f"{name}: {err}")
-                continue
-            readers.append(name)
-            parsed = parsed or examples
-        if not readers:
-            raise DataError(f"{where}: no entry of {bank.path} can read this row ({'; '.join(errors) or 'no routable entries'})")
+        if parsed is None:
+            needs = "; ".join(f"{name} needs {', '.join(task.input_fields)}" for name, task in tasks.items() if name not in readers)
+            raise DataError(f"{where}: no entry of {bank.path} can read this row ({'; '.join(errors + [needs] * bool(needs)) or 'no routable entries'})")
         by_reader.setdefault(tuple(readers), []).extend((number, ex) for ex in parsed)
     backbone = entry_backbone(bank.get(names[0]), args)
     results = {}

@@ -29,7 +29,7 @@ from torch import Tensor
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
 from continual_rpt.evaluation import autocast, bank_option_scores, length_batches, option_scores, predict_from_bank
-from continual_rpt.tasks import Example
+from continual_rpt.tasks import Example, task_from_meta
 
 ROUTERS = ("mahalanobis", "prototype", "confidence")
 RANK = 8  # principal directions kept per task; the rest of its variance is kept per coordinate
@@ -213,6 +213,11 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
     return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
 
 
+def readers_of(bank: PromptBank, names: list[str], task) -> list[str]:
+    """The entries of `names` whose task's parser reads rows in `task`'s format (as `crpt bank predict` offers a row)."""
+    return [n for n in names if task_from_meta(bank.get(n).meta, bank.path / n).reads(task)]
+
+
 def state_bytes(state: dict[str, Tensor]) -> int:
     """Bytes of a route state's tensors (fp32), without the safetensors header."""
     return sum(t.numel() * t.element_size() for t in state.values())
@@ -233,7 +238,9 @@ def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: B
     """Every seen task's test score when each example is routed among the entries of `names` (None if one cannot be).
 
     `aware` holds each task's task-aware predictions, reused where an example is routed home; `cache`
-    keeps the test inputs' features (the backbone is frozen, so they never change). An example routed
+    keeps the test inputs' features (the backbone is frozen, so they never change). As `crpt bank predict`
+    routes a file's row only among the entries whose parser reads it, an example is routed only among
+    the entries whose task reads its task's row fields (WiC rows never go to RTE). An example routed
     to another entry gets that entry's answer, scored as the same label where both tasks name it
     (Amazon and Yelp share theirs) and as a wrong answer otherwise. Returns (scores, confusion).
     """
@@ -242,14 +249,15 @@ def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: B
     entries = {name: bank.get(name) for name in names}
     if any(e.route is None for e in entries.values()):
         return None
-    states = [entries[n].route for n in names]
     scores, confusion = {}, {}
     for name in names:
         d = data[name]
         if name not in cache:
             cache[name] = input_features(backbone, backbone.featurize(d.test, max_length))
-        allowed = answerable([entries[n].meta["kind"] for n in names], d.test)
-        routed, _ = route_features(cache[name], states, router, allowed)
+        readers = readers_of(bank, names, d.task)  # the entries route() would be given for these rows
+        allowed = answerable([entries[n].meta["kind"] for n in readers], d.test)
+        chosen, _ = route_features(cache[name], [entries[n].route for n in readers], router, allowed)
+        routed = [names.index(readers[k]) for k in chosen]
         predictions = list(aware[name])
         for t, other in enumerate(names):
             mine = [i for i, k in enumerate(routed) if k == t]

@@ -30,7 +30,7 @@ import continual_rpt  # noqa: E402
 from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, PromptBank  # noqa: E402
 from continual_rpt.cli import entry_backbone  # noqa: E402
 from continual_rpt.evaluation import predict_from_bank  # noqa: E402
-from continual_rpt.routing import ROUTERS, answer_as, route  # noqa: E402
+from continual_rpt.routing import ROUTERS, answer_as, readers_of, route  # noqa: E402
 from continual_rpt.streams import load_data, load_stream  # noqa: E402
 
 
@@ -73,7 +73,8 @@ def main() -> int:
     result = {"run": str(args.run), "tasks": names, "task_aware": metrics["final_scores"], "routers": {}}
     for router in args.routers.split(","):
         start = time.perf_counter()
-        routed = {name: route(bank, data[name].test, backbone, router, max_length=max_length) for name in names}
+        routed = {name: route(bank, data[name].test, backbone, router, readers_of(bank, names, data[name].task), max_length)
+                  for name in names}  # each test set among the entries that read its rows, as crpt run and crpt bank predict do
         seconds = time.perf_counter() - start
         confusion = {name: {other: sum(r.task == other for r in routed[name]) for other in names} for name in names}
         total = sum(len(data[n].test) for n in names)

@@ -14,8 +14,8 @@ from continual_rpt.backbones import load_backbone
 from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import predict_from_bank
-from continual_rpt.routing import (answerable, confidence, fit_temperature, input_features, route, route_features, shared_precision,
-                                   summarize_inputs)
+from continual_rpt.routing import (answerable, confidence, fit_temperature, input_features, readers_of, route, route_features,
+                                   shared_precision, summarize_inputs)
 from continual_rpt.report import compare
 from continual_rpt.run import run_stream
 from continual_rpt.strategies import make_strategy
@@ -135,9 +135,15 @@ def test_cli_routes_a_file_that_mixes_tasks(routed_run, superglue_dir, tmp_path,
     assert [r["task"] for r in lines[:3]] == ["COPA"] * 3 and {r["task"] for r in lines[3:]} <= {"CB", "RTE"}
     assert all(set(r) == {"line", "uid", "task", "routing_score", "prediction", "index"} for r in lines)
     assert lines[0]["prediction"] == json.loads(rows[0][0])[f"choice{lines[0]['index'] + 1}"]
+    # A row's gold label plays no part: RTE rows labelled not_entailment (no class of CB) are offered to CB as well.
+    (tmp_path / "unlabelled").mkdir()
+    unlabelled = tmp_path / "unlabelled" / mixed.name  # the same file name: uids hold it
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in json.loads(r).items() if k != "label"}) + "\n" for r in rows[0] + rows[1]))
+    assert main(["bank", "predict", str(bank_dir), "--input", str(unlabelled), "--output", str(tmp_path / "free.jsonl")]) == 0
+    assert (tmp_path / "free.jsonl").read_text() == out.read_text()
     mixed.write_text(rows[0][0] + "\n" + json.dumps({"sentence": "no entry reads this"}) + "\n")
     assert main(["bank", "predict", str(bank_dir), "--input", str(mixed)]) == 2
-    assert f"{mixed}:2: no entry of" in capsys.readouterr().err
+    assert f"{mixed}:2: no entry of {bank_dir} can read this row (CB needs premise, hypothesis; COPA needs" in capsys.readouterr().err
     # The task given (positional or --task) keeps the task-aware path.
     assert main(["bank", "predict", str(bank_dir), "--task", "COPA", "--input", str(superglue_dir / "COPA" / "val.jsonl"),
                  "--output", str(out)]) == 0
@@ -233,7 +239,7 @@ def test_a_bank_of_two_backbones_cannot_be_routed(routed_run, tmp_path):
 
 
 def test_a_run_scores_every_stage_task_free_and_records_the_routing(routed_run):
-    _, bank_dir = routed_run
+    stream, bank_dir = routed_run
     out = bank_dir.parent
     metrics = json.loads((out / "metrics.json").read_text())
     aware, free = metrics["accuracy_matrix"], metrics["task_free_accuracy_matrix"]
@@ -247,7 +253,25 @@ def test_a_run_scores_every_stage_task_free_and_records_the_routing(routed_run):
     assert {r["task"] for r in final} == {"CB", "COPA", "RTE"}
     home = sum(int(r["examples"]) for r in final if r["task"] == r["routed_to"])
     assert metrics["routing_accuracy"] == pytest.approx(100 * home / sum(int(r["examples"]) for r in final))
+    # The run routes each test set as `crpt bank predict` routes its rows: among the entries that read them.
+    bank, backbone = PromptBank.open(bank_dir), stream.backbone.load()
+    for spec in stream.tasks:
+        d = load_data(spec, stream.base_dir)
+        routed = route(bank, d.test, backbone, names=readers_of(bank, bank.tasks(), d.task), max_length=spec.train.max_length)
+        assert {r["routed_to"]: int(r["examples"]) for r in final if r["task"] == spec.name} == \
+            {n: sum(x.task == n for x in routed) for n in bank.tasks()}
     assert (out / "task_free_matrix.csv").is_file() and metrics["task_free_average"] is not None
     table = compare([out], out.parent / "report")
     assert table.loc[0, "routing_accuracy_mean"] == pytest.approx(metrics["routing_accuracy"])
     assert table.loc[0, "task_free_average_mean"] == pytest.approx(metrics["task_free_average"])
+
+
+def test_a_run_routes_each_test_row_only_to_entries_whose_parser_reads_its_fields(tmp_path, tiny_bert_dir, superglue_dir):
+    # WiC rows (word, sentence1, sentence2) and RTE rows (premise, hypothesis) are both one text pair to the
+    # encoder, but neither task's parser reads the other's rows: `crpt bank predict --input` never routes one
+    # to the other, and the run's task-free scores must not either (on the tiny random model the input
+    # statistics alone send some rows across).
+    stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["RTE", "WiC"]))
+    metrics = run_stream(stream, tmp_path / "run", progress=False)
+    assert metrics["routing_accuracy"] == 100.0
+    assert metrics["task_free_accuracy_matrix"] == metrics["accuracy_matrix"]

@@ -310,3 +310,27 @@ def test_unreachable_hub_is_a_data_error(tmp_path):
     )
     assert "DataError:" in result.stdout, result.stderr
     assert "could not be reached" in result.stdout and "--data-dir" in result.stdout
+
+
+def test_a_tasks_declared_input_fields_say_exactly_which_rows_its_parser_reads(superglue_dir, shared_data):
+    # The run's task-free scores route by declared fields, `crpt bank predict` by parsing each row: the two
+    # must agree, on real rows of every task (ReCoRD is not in shared/data: one row in its official format).
+    from continual_rpt.tasks.catalog import catalog_task
+    from continual_rpt.tasks.custom import custom_task
+
+    rows = {name: json.loads((superglue_dir / name / "val.jsonl").open().readline()) for name in SUPERGLUE if name != "ReCoRD"}
+    rows["ReCoRD"] = {"idx": 0, "passage": {"text": "Ann met Bob.", "entities": [{"start": 0, "end": 2}]},
+                      "qas": [{"idx": 0, "query": "@placeholder met Bob.", "answers": [{"start": 0, "end": 2, "text": "Ann"}]}]}
+    tasks = dict(SUPERGLUE)
+    for name in ("ag", "mnli"):  # the CL benchmark layout: one JSON array of {"label", "sentence"} per file
+        declared = catalog_task(name, shared_data / "cl_benchmark")
+        tasks[name], rows[name] = custom_task(declared), json.loads(Path(declared.validation).read_text())[0]
+    for reader, task in tasks.items():
+        for writer, row in rows.items():
+            try:  # the row with its label: parse_inputs leaves the label out, as routing must
+                task.parse_inputs(row, f"{writer}/val.jsonl:1")
+                parsed = True
+            except DataError:
+                parsed = False
+            assert parsed == task.reads_row(row) == task.reads(tasks[writer]), (reader, writer)
+    assert get_task("CB").reads(get_task("RTE")) and not get_task("WiC").reads(get_task("RTE"))

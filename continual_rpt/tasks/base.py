@@ -41,6 +41,23 @@ class Task:
     official_parser: Parser = field(repr=False, compare=False)
     hub_parser: Parser = field(repr=False, compare=False)
     scorer: Scorer = field(repr=False, compare=False)
+    # The row fields its parser needs (dotted where nested, in the official format): rows of two tasks
+    # are told apart by their fields before any model sees them, so a router compares inputs only among
+    # the entries that can read a row.
+    input_fields: tuple[str, ...]
+
+    def reads(self, other: Task) -> bool:
+        """Whether this task's parser reads rows in `other`'s format: every field it needs is one of theirs."""
+        return set(self.input_fields) <= set(other.input_fields)
+
+    def parse_inputs(self, row: dict, where: str) -> list[Example]:
+        """Examples of the row's input fields alone (and its idx), unlabelled: what a router may look at."""
+        keep = {path.split(".")[0] for path in self.input_fields} | {"idx"}
+        return self.parse({key: value for key, value in row.items() if key in keep}, where)
+
+    def reads_row(self, row: dict) -> bool:
+        """Whether `row` holds every field this task's parser needs; its label is not looked at."""
+        return all(_has(row, path.split(".")) for path in self.input_fields)
 
     def parse(self, row: dict, where: str) -> list[Example]:
         """Convert one official-jsonl row (read at `where` = "path:line") into examples."""
@@ -68,6 +85,10 @@ class Task:
         scores = {name: 100.0 * fractions[name] for name in self.metric_names}
         scores["score"] = mean(scores.values())
         return scores
+
+
+def _has(row: object, keys: list[str]) -> bool:
+    return not keys or (isinstance(row, dict) and keys[0] in row and _has(row[keys[0]], keys[1:]))
 
 
 def _require_object(row: object, where: str) -> None:

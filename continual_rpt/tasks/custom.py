@@ -190,7 +190,8 @@ def custom_task(cfg: CustomTaskConfig) -> Task:
     parser = _row_parser(cfg)
     scorer = _scorer(len(cfg.label_names))
     metric_names, hub_config = METRICS[cfg.metric], cfg.hub_config or ""
-    return Task(cfg.name, "classification", cfg.label_names, metric_names, hub_config, parser, parser, scorer)
+    return Task(cfg.name, "classification", cfg.label_names, metric_names, hub_config, parser, parser, scorer,
+                _columns(cfg.text) + _columns(cfg.text_pair))
 
 
 # --- files -----------------------------------------------------------------------------------------

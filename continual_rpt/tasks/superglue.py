@@ -323,26 +323,29 @@ _ACCURACY = ("accuracy",)
 def _entailment_task(name: str, label_names: tuple[str, ...], metric_names: tuple[str, ...], scorer: Scorer) -> Task:
     official = _entailment_parser(name, label_names, _official(_index_map(label_names)))
     hub = _entailment_parser(name, label_names, _hub(len(label_names)))
-    return Task(name, "classification", label_names, metric_names, name.lower(), official, hub, scorer)
+    return Task(name, "classification", label_names, metric_names, name.lower(), official, hub, scorer, ("premise", "hypothesis"))
 
 
 SUPERGLUE: dict[str, Task] = {
     task.name: task
     for task in (
         Task("BoolQ", "classification", _FALSE_TRUE, _ACCURACY, "boolq",
-             _boolq_parser(_official(_BOOL_LABELS)), _boolq_parser(_hub(2)), _score_accuracy),
+             _boolq_parser(_official(_BOOL_LABELS)), _boolq_parser(_hub(2)), _score_accuracy, ("question", "passage")),
         _entailment_task("CB", _CB_LABELS, ("accuracy", "macro_f1"), _score_cb),
-        Task("COPA", "choice", (), _ACCURACY, "copa", _copa_parser(_official(_INT_LABELS)), _copa_parser(_hub(2)), _score_accuracy),
+        Task("COPA", "choice", (), _ACCURACY, "copa", _copa_parser(_official(_INT_LABELS)), _copa_parser(_hub(2)), _score_accuracy,
+             ("premise", "choice1", "choice2", "question")),
         Task(
             "MultiRC", "classification", _FALSE_TRUE, ("f1a", "em"), "multirc",
-            _parse_multirc, _hub_multirc, _score_multirc,
+            _parse_multirc, _hub_multirc, _score_multirc, ("passage.text", "passage.questions"),
         ),
-        Task("ReCoRD", "choice", (), ("f1", "em"), "record", _parse_record, _hub_record, _score_record),
+        Task("ReCoRD", "choice", (), ("f1", "em"), "record", _parse_record, _hub_record, _score_record,
+             ("passage.text", "passage.entities", "qas")),
         _entailment_task("RTE", _RTE_LABELS, _ACCURACY, _score_accuracy),
         Task("WiC", "classification", _FALSE_TRUE, _ACCURACY, "wic",
-             _wic_parser(_official(_BOOL_LABELS)), _wic_parser(_hub(2)), _score_accuracy),
+             _wic_parser(_official(_BOOL_LABELS)), _wic_parser(_hub(2)), _score_accuracy, ("word", "sentence1", "sentence2")),
         # wsc.fixed repairs span texts that are not substrings of the text; the labels are unchanged.
-        Task("WSC", "classification", _FALSE_TRUE, _ACCURACY, "wsc.fixed", _parse_wsc, _hub_wsc, _score_accuracy),
+        Task("WSC", "classification", _FALSE_TRUE, _ACCURACY, "wsc.fixed", _parse_wsc, _hub_wsc, _score_accuracy,
+             ("text", "target.span1_text", "target.span2_text")),
     )
 }
 
