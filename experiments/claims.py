@@ -41,10 +41,11 @@ from grid import machine_description, paired_interval, resampled_by_seed, show_d
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
-# What the lr and design grids vary. A grid that leaves out its reference setting (lr 0.3; m = 400,
-# shared φ with LayerNorm) borrows the methods grid's n = 10 runs for it, and the controls, which
-# the cl-cpu grids run once: the same runs, so repeating them would only cost time.
-VARIED = {"lr": ("train_config", {"lr"}), "design": ("prompt_config", {"bottleneck", "per_token", "layer_norm", "match_embedding_scale"})}
+# What the lr, init and design grids vary. A grid that leaves out its reference setting (lr 0.3;
+# vocab init; m = 400, shared φ with LayerNorm) borrows the methods grid's n = 10 runs for it, and the
+# controls, which the cl-cpu grids run once: the same runs, so repeating them would only cost time.
+VARIED = {"lr": ("train_config", {"lr"}), "init": ("prompt_config", {"init"}),
+          "design": ("prompt_config", {"bottleneck", "per_token", "layer_norm", "match_embedding_scale"})}
 METHOD_COLORS = {"rpt": "tab:blue", "pt": "tab:orange", "pt-mlp": "tab:green", "head": "grey"}
 
 
@@ -67,9 +68,16 @@ def differences(record: dict, other: dict, ignored: dict[str, set[str]]) -> list
     return found + [key for key in ("train_examples", "test_set") if record.get(key) != other.get(key)]
 
 
+def reference_label(grid: str, run: dict) -> str:
+    """The variant name a methods-grid n = 10 run stands for in the lr, init or design grid."""
+    if grid == "lr":
+        return f"lr{run['train_config']['lr']:g}"
+    return run["prompt_config"]["init"] if grid == "init" else f"m{run['prompt_config']['bottleneck']}"
+
+
 def with_references(grid: str, runs: list[dict], methods_runs: list[dict]) -> list[dict]:
-    """`runs` of the lr or design grid, plus the methods grid's runs it left out: the controls and the
-    n = 10 runs at the reference setting, labelled as its variant (lr0.3, m400). Each borrowed run must
+    """`runs` of the lr, init or design grid, plus the methods grid's runs it left out: the controls and
+    the n = 10 runs at the reference setting, labelled as its variant (lr0.3, vocab, m400). Each borrowed run must
     match the grid's runs of its task and seed in everything but the setting the grid varies."""
     if not runs or grid not in VARIED:
         return runs
@@ -81,7 +89,7 @@ def with_references(grid: str, runs: list[dict], methods_runs: list[dict]) -> li
         if control:
             label, ignored = "", {"prompt_config": set(ref["prompt_config"]), section: keys}
         elif ref.get("variant") == "n10" and ref["method"] in studied:
-            label, ignored = (f"lr{ref['train_config']['lr']:g}" if grid == "lr" else f"m{ref['prompt_config']['bottleneck']}"), {section: keys}
+            label, ignored = reference_label(grid, ref), {section: keys}
         else:
             continue
         if ref["method"] in studied and (control or select(runs, ref["method"], label)):
@@ -93,6 +101,11 @@ def with_references(grid: str, runs: list[dict], methods_runs: list[dict]) -> li
                                  f"{partner['variant']} seed {partner['seed']} in {', '.join(mismatch)}; give the {grid} grid that setting itself")
         borrowed.append({**ref, "variant": label, "borrowed_from": "claims_methods"})
     return runs + borrowed
+
+
+def control_rows(runs: list[dict]) -> list[tuple[str, str, str]]:
+    """The table rows of the head-only control and, where it ran, the linear probe."""
+    return [("head-only control", "head", "")] + [("linear probe control", "linear-probe", "")] * bool(select(runs, "linear-probe"))
 
 
 def select(runs: list[dict], method: str, variant: str = "") -> list[dict]:
@@ -258,10 +271,9 @@ def methods_and_length(out: Path, runs: list[dict]) -> list[str]:
     if not runs:
         return ["## Claims 1–2: methods and prompt length", "", "Not run yet.", ""]
     tasks, lengths, methods = tasks_of(runs), lengths_of(runs), methods_of(runs, ("rpt", "pt", "pt-mlp"))
-    probe = [("linear probe control", "linear-probe", "")] * any(r["method"] == "linear-probe" for r in runs)
-    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods if select(runs, m, v)]
+    rows = control_rows(runs) + [(f"{m}, n={v[1:]}", m, v) for v in lengths for m in methods if select(runs, m, v)]
     pairs = [(f"rpt − pt at n={v[1:]}", ("rpt", v), ("pt", v)) for v in lengths]
-    pairs += [(f"rpt at n={v[1:]} − linear probe", ("rpt", v), ("linear-probe", "")) for v in lengths if probe]
+    pairs += [(f"rpt at n={v[1:]} − linear probe", ("rpt", v), ("linear-probe", "")) for v in lengths if select(runs, "linear-probe")]
     pairs += [(f"rpt − pt-mlp at n={v[1:]}", ("rpt", v), ("pt-mlp", v)) for v in lengths if select(runs, "pt-mlp", v)]
     pairs += [("rpt at n=10 − pt at n=100 (10× shorter prompt)", ("rpt", "n10"), ("pt", "n100"))] * ("n100" in lengths)
     pairs += [("rpt at n=10 − head-only", ("rpt", "n10"), ("head", "")),
@@ -280,8 +292,7 @@ def learning_rate(out: Path, runs: list[dict]) -> list[str]:
         return ["## Claim 3: learning-rate robustness", "", "Not run yet.", ""]
     tasks = tasks_of(runs)
     lrs = sorted({r["variant"] for r in runs if r["variant"]}, key=lambda v: float(v[2:]))
-    probe = [("linear probe control", "linear-probe", "")] * any(r["method"] == "linear-probe" for r in runs)
-    rows = [("head-only control", "head", ""), *probe] + [(f"{m}, lr {v[2:]}", m, v) for m in ("rpt", "pt") for v in lrs]
+    rows = control_rows(runs) + [(f"{m}, lr {v[2:]}", m, v) for m in ("rpt", "pt") for v in lrs]
     notes = ["Spread (max − min over learning rates of the seed-mean task average):"]
     series = {}
     for method in ("rpt", "pt"):
@@ -312,7 +323,7 @@ def initialisation(out: Path, runs: list[dict]) -> list[str]:
     if not runs:
         return ["## Robustness to initialisation", "", "Not run yet.", ""]
     tasks = tasks_of(runs)
-    rows = [("head-only control", "head", "")] + [(f"{m}, {v} init", m, v) for m in ("rpt", "pt") for v in ("vocab", "uniform")]
+    rows = control_rows(runs) + [(f"{m}, {v} init", m, v) for m in ("rpt", "pt") for v in ("vocab", "uniform")]
     pairs = [(f"{m}: uniform − vocab", (m, "uniform"), (m, "vocab")) for m in ("rpt", "pt")]
     pairs += [(f"rpt − pt with {v} init", ("rpt", v), ("pt", v)) for v in ("vocab", "uniform")]
     return section(out, "initialisation", "Robustness to initialisation: vocab vs uniform P (n=10, lr 0.3)", runs, rows,
@@ -329,7 +340,7 @@ def design(out: Path, runs: list[dict], scale_lines: list[str]) -> list[str]:
                                                       ("no LayerNorm", "no-layernorm", "no LayerNorm − LayerNorm"),
                                                       ("output scale matched to the embeddings", "scale-matched", "scale-matched − as published"))
               if select(runs, "rpt", v)]
-    rows = [("head-only control", "head", "")] + [("linear probe control", "linear-probe", "")] * bool(select(runs, "linear-probe"))
+    rows = control_rows(runs)
     rows += [(f"rpt, m={v[1:]}" + (" (as published: shared, LayerNorm)" if v == "m400" else ""), "rpt", v) for v in widths]
     rows += [(f"rpt, {label} (m=400)", "rpt", v) for label, v, _ in others]
     pairs = [(pair, ("rpt", v), ("rpt", "m400")) for _, v, pair in others]
@@ -414,8 +425,8 @@ def convergence(out: Path, runs: list[dict]) -> list[str]:
     return [f"## Claim 6: convergence (dev every 10 steps, {stopping})", "",
             "Plots: `convergence.png` (dev score), `convergence_loss.png` (training loss).", "", *lines, "",
             "Dev curve mean: the dev score averaged over all evaluations of a run (the area under the curve "
-            "divided by its length): higher means it got good sooner and stayed there. Where the dev halves are "
-            "small (CB 28, COPA 50 examples), the training loss is the steadier signal.", ""]
+            "divided by its length): higher means it got good sooner and stayed there. Where a dev half is "
+            "small (tens of examples, as for CB and COPA), the training loss is the steadier signal.", ""]
 
 
 def init_scale(out: Path, seeds: list[int], name: str = "embedded") -> list[str]:

@@ -130,7 +130,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": "head" if method == "linear-probe" else method})
         train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
         common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
-                  "majority_test_score": majority_score(data), "pooling": getattr(backbone, "pooling", None),
+                  "majority_test_score": majority_score(data), "train_examples": len(data.train), "pooling": getattr(backbone, "pooling", None),
                   "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
         if method == "linear-probe":  # a control with no prompt and no gradient steps
             start = time.perf_counter()

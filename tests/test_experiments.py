@@ -51,16 +51,18 @@ def test_learning_rate_section_reports_spread_over_the_papers_range(tmp_path):
 @pytest.mark.slow
 def test_grid_runs_resumes_and_feeds_the_claims_report(tmp_path, tiny_bert_dir, superglue_dir):
     spec = {"name": "claims_methods", "backbone": str(tiny_bert_dir), "data_dir": str(superglue_dir),
-            "seeds": [0, 1], "methods": ["rpt", "pt"], "controls": ["head"],
+            "seeds": [0, 1], "methods": ["rpt", "pt"], "controls": ["head", "linear-probe"],
             "variants": {"n2": {"prompt": {"n_tokens": 2}}, "n10": {"prompt": {"n_tokens": 10}}},
             "train": {"epochs": 2, "batch_size": 8, "max_length": 64, "patience": 0, "eval_every": 2},
             "tasks": {"CB": {"max_train": 16}}}
     out = grid.run_grid(spec, tmp_path / "grid.yaml", tmp_path)
     files = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert files == ["CB-head-0.json", "CB-head-1.json", "CB-n10-pt-0.json", "CB-n10-pt-1.json", "CB-n10-rpt-0.json",
+    assert files == ["CB-head-0.json", "CB-head-1.json", "CB-linear-probe-0.json", "CB-linear-probe-1.json", "CB-n10-pt-0.json", "CB-n10-pt-1.json", "CB-n10-rpt-0.json",
                      "CB-n10-rpt-1.json", "CB-n2-pt-0.json", "CB-n2-pt-1.json", "CB-n2-rpt-0.json", "CB-n2-rpt-1.json"]
     first = json.loads((out / "runs" / "CB-n2-rpt-0.json").read_text())
     assert first["prompt_config"]["n_tokens"] == 2 and first["train_examples"] == 16
+    probe = json.loads((out / "runs" / "CB-linear-probe-0.json").read_text())
+    assert probe["train_examples"] == 16  # what lets the lr and design grids borrow it
     assert [h["step"] for h in first["history"]] == [2, 2 * 2]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     grid.run_grid(spec, tmp_path / "grid.yaml", tmp_path)  # a finished grid trains nothing again
@@ -125,14 +127,14 @@ def test_grid_pairs_are_paired_by_seed_and_resample():
         grid.check_pairs({**spec, "pairs": [["rpt (deep5)", "linear-probe"]]})
 
 
-def configured(method, variant, seed, test, lr=0.3, bottleneck=400, epochs=8):
+def configured(method, variant, seed, test, lr=0.3, bottleneck=400, epochs=8, init="vocab"):
     """A run record with the configs and data ids that decide whether it can stand in for another grid's run."""
     return {**record("ag", method, variant, seed, test), "train_examples": 256, "test_set": "t",
-            "prompt_config": {"method": method, "n_tokens": 10, "bottleneck": bottleneck},
+            "prompt_config": {"method": method, "n_tokens": 10, "bottleneck": bottleneck, "init": init},
             "train_config": {"lr": lr, "epochs": epochs, "seed": seed}}
 
 
-def test_lr_and_design_grids_borrow_the_methods_grids_reference_runs_only_when_they_match(tmp_path):
+def test_lr_init_and_design_grids_borrow_the_methods_grids_reference_runs_only_when_they_match(tmp_path):
     methods = [configured("rpt", "n10", 0, 80), configured("pt", "n10", 0, 78), configured("rpt", "n2", 0, 79),
                configured("head", "", 0, 70), configured("linear-probe", "", 0, 71)]
     lr = [configured("rpt", "lr0.03", 0, 75, lr=0.03), configured("pt", "lr0.03", 0, 74, lr=0.03)]
@@ -148,7 +150,14 @@ def test_lr_and_design_grids_borrow_the_methods_grids_reference_runs_only_when_t
 
     own = lr + [configured("rpt", "lr0.3", 0, 66)]  # a grid that ran its reference itself keeps its own run
     assert [r["test_score"] for r in claims.with_references("lr", own, methods) if r["variant"] == "lr0.3" and r["method"] == "rpt"] == [66]
-    assert claims.with_references("init", lr, methods) == lr  # other grids borrow nothing
+    assert claims.with_references("fewshot", lr, methods) == lr  # other grids borrow nothing
+
+    init = [configured("rpt", "uniform", 0, 76, init="uniform"), configured("pt", "uniform", 0, 72, init="uniform")]
+    borrowed = claims.with_references("init", init, methods)
+    assert {(r["method"], r["variant"]): r["test_score"] for r in borrowed} == {
+        ("rpt", "uniform"): 76, ("pt", "uniform"): 72, ("rpt", "vocab"): 80, ("pt", "vocab"): 78, ("head", ""): 70, ("linear-probe", ""): 71}
+    text = "\n".join(claims.initialisation(tmp_path, borrowed))
+    assert "| linear probe control |" in text and "- rpt: uniform − vocab: -4.0 ± 0.0 points (1 paired seeds)" in text
 
     other_budget = [configured("rpt", "lr0.03", 0, 75, lr=0.03, epochs=6)]
     with pytest.raises(SystemExit, match=r"differs from ag rpt lr0.03 seed 0 in train_config.epochs"):
