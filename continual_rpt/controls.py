@@ -1,4 +1,10 @@
-"""The reference scores a method must beat: the majority class, and a linear probe on frozen pooled features.
+"""The reference scores a method must beat: the best constant answer, and a linear probe on frozen pooled features.
+
+The best constant answer is the highest test score any one answer given to every test example
+reaches under the task's own metric (each class; for choice tasks each choice position). It is
+chosen on the test split on purpose: not a method but the ceiling of every constant answer, so a
+method below it has learned nothing a constant could not give. It replaces the majority class,
+which on balanced few-shot training data is a tie that the first training row decided.
 
 A prompt method that does not beat the linear probe has learned nothing a logistic regression on
 the backbone's own sentence embeddings would not. The probe is the strong form of the head-only
@@ -9,24 +15,33 @@ Linear over the pooled output) so that it is stored and answers like any other b
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.evaluation import autocast, length_batches
-from continual_rpt.tasks import TaskData
+from continual_rpt.tasks import Example, Task, TaskData
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # log-spaced; sentence embeddings of 384 dims rarely want more
 
 
-def majority_score(data: TaskData) -> float:
-    """Test score of always answering the most frequent training label (choice tasks: the most frequent gold slot)."""
-    counts = Counter(ex.label for ex in data.train)
-    answer = counts.most_common(1)[0][0]
-    predictions = [answer if data.task.kind == "classification" else min(answer, len(ex.candidates) - 1) for ex in data.test]
-    return data.task.score(data.test, predictions)["score"]
+def constant_answers(task: Task, examples: list[Example]) -> dict[str, list[int]]:
+    """Every constant answer by name, as predictions on `examples`: each class, or each choice position (the last where fewer)."""
+    if task.kind == "classification":
+        return {name: [label] * len(examples) for label, name in enumerate(task.label_names)}
+    positions = max(len(ex.candidates) for ex in examples)
+    return {f"choice {j + 1}": [min(j, len(ex.candidates) - 1) for ex in examples] for j in range(positions)}
+
+
+def best_constant(task: Task, examples: list[Example]) -> tuple[float, str]:
+    """The best score of any constant answer on `examples` under the task's metric, and that answer (the first of ties)."""
+    scored = [(task.score(examples, predictions)["score"], name) for name, predictions in constant_answers(task, examples).items()]
+    return max(scored, key=lambda pair: pair[0])
+
+
+def control_fields(stored: dict) -> dict:
+    """A task's stored control scores as metrics.json fields; runs made before the best constant stored bare names ("majority")."""
+    return {key if key.endswith(("_score", "_answer")) else f"{key}_score": value for key, value in stored.items()}
 
 
 @torch.no_grad()
@@ -104,9 +119,10 @@ def fit_linear_probe(backbone: Backbone, data: TaskData, max_length: int, seed: 
 
 
 def reference_scores(backbone: Backbone, data: TaskData, max_length: int, seed: int, batch_size: int = 64,
-                     bf16: bool = True) -> dict[str, float | None]:
-    """Test scores of the majority class and of the linear probe (None where the backbone has no pooled output)."""
+                     bf16: bool = True) -> dict[str, float | str | None]:
+    """Test scores of the best constant answer (and which it is) and of the linear probe (None without pooled outputs)."""
     probe = None
     if backbone.family == "encoder":
         probe = fit_linear_probe(backbone, data, max_length, seed, batch_size, bf16)[1]["test_score"]
-    return {"majority": majority_score(data), "linear_probe": probe}
+    score, answer = best_constant(data.task, data.test)
+    return {"best_constant_score": score, "best_constant_answer": answer, "linear_probe_score": probe}

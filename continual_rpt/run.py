@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from continual_rpt.atomic import replace_file, replace_json
 from continual_rpt.bank import PromptBank
-from continual_rpt.controls import reference_scores
+from continual_rpt.controls import control_fields, reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
@@ -161,7 +161,7 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "train_examples_per_second": m["train_examples_per_second"],
             "skipped_rows": sum(entry.meta.get("skipped_rows", {}).values()),
             "final_test_ci": [ci.low, ci.high] if ci else None,
-            **{f"{k}_score": v for k, v in state.get("controls", {}).get(name, {}).items()},  # majority, linear_probe
+            **control_fields(state.get("controls", {}).get(name, {})),  # best constant answer, linear probe
             **{k: m[k] for k in ("test_without_prompt", "test_without_phi") if k in m},  # what the prompt adds
         }
     seeds = sorted({t.train.seed for t in stream.tasks})
@@ -230,10 +230,10 @@ def _number(value: float | None) -> str:
 
 def summary_table(metrics: dict) -> str:
     """A plain-text table: task, the controls' scores, score after learning it, final score and its 95% CI, prompt tokens, time."""
-    lines = [f"{'task':<14}{'majority':>9}{'probe':>8}{'score':>8}{'final':>8}{'95% CI':>14}{'tokens':>8}{'time s':>9}"]
+    lines = [f"{'task':<14}{'constant':>9}{'probe':>8}{'score':>8}{'final':>8}{'95% CI':>14}{'tokens':>8}{'time s':>9}"]
     for name, t in metrics["per_task"].items():
         ci = "—" if t["final_test_ci"] is None else "{:.1f}–{:.1f}".format(*t["final_test_ci"])
-        lines.append(f"{name:<14}{_number(t.get('majority_score')):>9}{_number(t.get('linear_probe_score')):>8}"
+        lines.append(f"{name:<14}{_number(t.get('best_constant_score')):>9}{_number(t.get('linear_probe_score')):>8}"
                      f"{_number(t['score_after_learning']):>8}{t['final_score']:>8.1f}{ci:>14}{t['prompt_tokens_in_context']:>8}"
                      f"{t['task_seconds']:>9.0f}")
     fgt = metrics["forgetting"]
@@ -242,5 +242,6 @@ def summary_table(metrics: dict) -> str:
     if "task_free_average" in metrics:
         lines.append(f"task-free (each test example routed to an entry, task not given): average {metrics['task_free_average']:.1f}, "
                      f"routing accuracy {metrics['routing_accuracy']:.1f}%")
-    lines.append("majority: always the most frequent training label; probe: logistic regression on frozen pooled features (C on dev)")
+    lines.append("constant: the best constant answer on test under the task's metric (a ceiling, not a method); "
+                 "probe: logistic regression on frozen pooled features (C on dev)")
     return "\n".join(lines)

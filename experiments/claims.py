@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from continual_rpt import __version__
-from grid import machine_description, paired_interval, resampled_by_seed, show_difference
+from grid import constant_control, machine_description, paired_interval, resampled_by_seed, show_difference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
@@ -186,10 +186,11 @@ def score_rows(runs: list[dict], rows: list[tuple[str, str, str]], tasks: list[s
 
 
 def majority_row(runs: list[dict], tasks: list[str]) -> dict:
-    """The majority-class score per task (it does not depend on the seed for full training sets)."""
-    row = {"row": "majority class", "method": "", "variant": "", "seeds": 0, "diverged": 0}
+    """The constant-answer control per task: the best constant answer, or the majority class of older records."""
+    label, key = constant_control(runs)
+    row = {"row": label, "method": "", "variant": "", "seeds": 0, "diverged": 0}
     for task in tasks:
-        row[task] = mean_std([r["majority_test_score"] for r in runs if r["task"] == task and r["method"] == "head"])
+        row[task] = mean_std([r[key] for r in runs if r["task"] == task and r["method"] == "head" and key in r])
     row["average"] = mean_std([])
     return row
 

@@ -14,8 +14,10 @@ average gets a 95% bootstrap interval.
 
 Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
 grid is started again), the table in `experiments/results/<name>/summary.{csv,md}`, with the
-machine, versions, seeds and command next to it. Dev selects, test is reported; the majority-class
-score (the most frequent training label predicted for every test example) is added per task. Each
+machine, versions, seeds and command next to it. Dev selects, test is reported; the best constant
+answer (the highest test score of any one answer given to every test example, under the task's metric:
+a ceiling of every constant, chosen on test) is added per task (records made before it hold the
+majority class, `majority_test_score`, shown under that name). Each
 record keeps its test set's id and its score on 1000 bootstrap resamples of the test examples (the
 same draws for every run of that test set), so the summary gives every score a 95% interval and
 every pair a paired one (continual_rpt/confidence.py).
@@ -42,7 +44,7 @@ from continual_rpt import __version__
 from continual_rpt.atomic import replace_json
 from continual_rpt.confidence import LEVEL, examples_id, interval, pooled, resampled_scores
 from continual_rpt.backbones import load_backbone
-from continual_rpt.controls import fit_linear_probe, majority_score
+from continual_rpt.controls import best_constant, fit_linear_probe
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.streams import load_data, parse_stream
@@ -130,7 +132,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": "head" if method == "linear-probe" else method})
         train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
         common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
-                  "majority_test_score": majority_score(data), "train_examples": len(data.train), "pooling": getattr(backbone, "pooling", None),
+                  **constant_fields(data), "train_examples": len(data.train), "pooling": getattr(backbone, "pooling", None),
                   "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
         if method == "linear-probe":  # a control with no prompt and no gradient steps
             start = time.perf_counter()
@@ -247,12 +249,26 @@ def machine_description() -> str:
     return f"{platform.machine()}, {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def constant_fields(data) -> dict:
+    """A run record's constant-answer control: the best constant answer's test score and which answer it is."""
+    score, answer = best_constant(data.task, data.test)
+    return {"best_constant_test_score": score, "best_constant_answer": answer}
+
+
+def constant_control(runs: list[dict]) -> tuple[str, str]:
+    """The row label and record field of the constant control: records made before the best constant hold the majority class."""
+    if any("best_constant_test_score" in r for r in runs):
+        return "best constant answer", "best_constant_test_score"
+    return "majority class", "majority_test_score"
+
+
 def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
-    """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the majority-class row."""
+    """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the constant-answer row."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     tasks = list(spec["tasks"])
-    majority = {t: next((r["majority_test_score"] for r in runs if r["task"] == t), None) for t in tasks}
-    rows = [("majority class", {t: "—" if v is None else f"{v:.1f}" for t, v in majority.items()}, "—", "—")]
+    label, key = constant_control(runs)
+    constant = {t: next((r[key] for r in runs if r["task"] == t and key in r), None) for t in tasks}
+    rows = [(label, {t: "—" if v is None else f"{v:.1f}" for t, v in constant.items()}, "—", "—")]
     csv_lines = ["variant,method,task,seeds,diverged,dev_mean,dev_std,test_mean,test_std,examples_per_second"]
     keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
     for variant, method in keys:
