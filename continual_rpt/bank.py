@@ -12,24 +12,25 @@ An entry is saved and loaded like a PEFT adapter: `entry.save_pretrained(folder)
 task from the metadata is `continual_rpt.tasks.task_from_meta`.
 
 A bank is a folder of entries plus `bank.json`, the index: entry names in the order they were
-added, with the sha256 of every file. An entry is written to a temporary folder, fsynced and
-renamed into place, and only then listed in the index (itself replaced atomically), so a reader
-never sees a half-written entry. A lock file keeps two writers apart. The one thing ever added to
-a stored entry is route state it lacks (`add_route`, for entries made before routing existed):
-the file lands beside the others and counts only once the index lists it, so a writer killed in
-between leaves the entry as it was.
+added, with the sha256 of every file. A bank is made only in a new or empty folder. An entry is
+written to a temporary folder, fsynced and renamed into place, and only then listed in the index
+(itself replaced atomically), so a reader never sees a half-written entry. A lock file keeps two
+writers apart (the second waits) and notes which entry its holder is placing. A bank writer removes
+nothing but what killed writers left: their temporary names (`continual_rpt.atomic`) and the one
+entry folder a writer killed between its rename and the index had placed, as its lock note says.
+Anything else in the folder is left alone, and a name already taken by a folder is refused. The
+one thing ever added to a stored entry is route state it lacks (`add_route`, for entries made
+before routing existed): the file lands beside the others and counts only once the index lists
+it, so a writer killed in between leaves the entry as it was.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +38,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from continual_rpt.atomic import fsync_dir, replace_json, write_json
+from continual_rpt.atomic import fsync_dir, is_temp_name, lock_name, remove_dead_temps, replace_json, temp_path, write_json
 from continual_rpt.faults import kill_point
+from continual_rpt.locks import LOCK_FILE, Lock, locked, pid_alive
 
 PROMPT_FILE, HEAD_FILE, ROUTE_FILE = "prompt.safetensors", "head.safetensors", "route.safetensors"
 META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.json"
 ENTRY_FILES = frozenset({PROMPT_FILE, HEAD_FILE, ROUTE_FILE, META_FILE, CONFIG_FILE, METRICS_FILE})
-INDEX_FILE, LOCK_FILE = "bank.json", ".lock"
+INDEX_FILE = "bank.json"
 BANK_FORMAT = "continual-rpt-bank/1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PLACING = "placing "  # the lock note of a writer about to rename an entry folder into place
 
 
 class BankError(ValueError):
@@ -75,13 +78,28 @@ class Entry:
     metrics: dict
     route: dict[str, Tensor] | None = None  # what routing needs (continual_rpt.routing); None in entries made before it
 
-    def save_pretrained(self, folder: str | Path) -> dict[str, str]:
-        """Write the entry to `folder` atomically (complete, or not there at all); return its files' sha256."""
+    def save_pretrained(self, folder: str | Path, overwrite: bool = True) -> dict[str, str]:
+        """Write the entry to `folder` atomically (the old folder or the complete new one); return its files' sha256.
+
+        With overwrite=False an existing `folder` is refused, checked at write time under a lock
+        beside it, so two writers of one folder never replace each other.
+        """
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if self.prompt is not None and not torch.isfinite(self.prompt).all():
             raise BankError(f"{folder.name}: refusing to store a prompt with non-finite values")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        if overwrite:
+            return self._write(folder)
+        with locked(folder.parent, name=lock_name(folder), remove=True):
+            remove_dead_temps(folder.parent)  # what killed writers left here
+            if os.path.lexists(folder):
+                raise FileExistsError(f"{folder} already exists; choose another folder (nothing was overwritten)")
+            return self._write(folder)
+
+    def _write(self, folder: Path) -> dict[str, str]:
+        tmp = temp_path(folder)
+        tmp.mkdir()
+        aside = None
         try:
             if self.prompt is not None:
                 save_file({"prompt": self.prompt.detach().float().cpu().contiguous()}, tmp / PROMPT_FILE)
@@ -99,17 +117,20 @@ class Entry:
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
             checksums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bank is shared like any other folder
-            if folder.exists():
-                shutil.rmtree(folder)
+            if os.path.lexists(folder):  # moved aside, not removed, until the new folder is in place
+                aside = temp_path(folder, "old")
+                os.rename(folder, aside)
+                kill_point("bank.entry-moved-aside")
             os.rename(tmp, folder)
             fsync_dir(folder.parent)
             kill_point("bank.entry-renamed")
         except BaseException:
+            if aside is not None and not os.path.lexists(folder):
+                os.rename(aside, folder)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if aside is not None:
+            shutil.rmtree(aside)
         return checksums
 
     @classmethod
@@ -189,11 +210,28 @@ class PromptBank:
         if not index_path.is_file():
             if not create:
                 raise BankError(f"{index_path}: not found; {path} is not a prompt bank")
+            cls.check_creatable(path)  # before the lock file is made: a refused folder is left untouched
             path.mkdir(parents=True, exist_ok=True)
-            with cls._locked(path):
+            with locked(path, wait=True):
                 if not index_path.is_file():
+                    cls.check_creatable(path)
+                    remove_dead_temps(path)
                     replace_json(index_path, {"format": BANK_FORMAT, "entries": []})
         return cls(path, cls._read_index(index_path))
+
+    @staticmethod
+    def check_creatable(path: str | Path) -> None:
+        """Refuse a folder that a new bank would share with anything else (a bank's lock and dead writers' leftovers aside)."""
+        path = Path(path)
+        if (path / INDEX_FILE).is_file() or not os.path.lexists(path):
+            return
+        if not path.is_dir():
+            raise BankError(f"{path}: exists and is not a folder; a prompt bank is made only in a new or empty folder")
+        others = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_temp_name(p.name))
+        if others:
+            raise BankError(f"{path}: exists, is not a prompt bank (no {INDEX_FILE}) and is not empty (it holds "
+                            f"{', '.join(others[:3])}{', …' if len(others) > 3 else ''}); a bank is made only in a new or "
+                            "empty folder; nothing was changed")
 
     @staticmethod
     def _read_index(index_path: Path) -> dict:
@@ -216,16 +254,6 @@ class PromptBank:
                 raise BankError(f"{index_path}: entries[{i}].name: {err}") from None
         return index
 
-    @staticmethod
-    @contextmanager
-    def _locked(path: Path):
-        with open(path / LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def refresh(self) -> None:
         """Re-read the index (another process may have added entries)."""
         self._index = self._read_index(self.path / INDEX_FILE)
@@ -244,24 +272,31 @@ class PromptBank:
                 return Entry.from_pretrained(self.path / check_name(name), item["files"])
         raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
 
-    def _remove_leftovers(self) -> None:
-        """Temporary files and unlisted entry folders of writers that were killed (call with the lock held)."""
-        listed = set(self.tasks())
-        for path in self.path.iterdir():
-            hidden = path.name.startswith(".") and path.name != LOCK_FILE
-            unlisted = path.is_dir() and not path.name.startswith(".") and path.name not in listed
-            if hidden or unlisted:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    def _remove_leftovers(self, lock: Lock) -> None:
+        """What killed writers left, and nothing else (call with the lock held): their temporary names, and
+        the entry folder that the lock's note says a killed writer placed but did not list."""
+        remove_dead_temps(self.path)
+        pid, _, note = lock.left.partition("\n")
+        placed = note.removeprefix(PLACING) if note.startswith(PLACING) and pid.isdigit() and not pid_alive(int(pid)) else None
+        if placed and check_name(placed) not in self and (self.path / placed).is_dir():
+            if {p.name for p in (self.path / placed).iterdir()} <= ENTRY_FILES:  # an entry's files only: not a user's folder
+                aside = temp_path(self.path / placed)
+                os.rename(self.path / placed, aside)
+                shutil.rmtree(aside)
 
     def add(self, name: str, entry: Entry) -> None:
         """Store a new entry; an existing name is refused, so nothing stored is ever overwritten."""
         check_name(name)
-        with self._locked(self.path):
+        with locked(self.path, wait=True) as lock:
             self.refresh()
             if name in self:
                 raise BankError(f"{self.path}: already has an entry for {name!r}; entries are never overwritten")
-            self._remove_leftovers()
+            self._remove_leftovers(lock)
             folder = self.path / name
+            if os.path.lexists(folder):
+                raise BankError(f"{folder}: exists but the bank's index does not list it (not an entry of this bank); "
+                                "move it away or choose another name; nothing was changed")
+            lock.note(f"{PLACING}{name}")  # if killed once the folder is in place, the next writer knows it is ours
             checksums = entry.save_pretrained(folder)
             index = {**self._index, "entries": [*self._index["entries"], {"name": name, "files": checksums}]}
             replace_json(self.path / INDEX_FILE, index)
@@ -269,16 +304,16 @@ class PromptBank:
 
     def add_route(self, name: str, route: dict[str, Tensor]) -> None:
         """Store route state for entry `name`, which has none; every file the entry already holds stays as it is."""
-        with self._locked(self.path):
+        with locked(self.path, wait=True) as lock:
             self.refresh()
             item = next((item for item in self._index["entries"] if item["name"] == name), None)
             if item is None:
                 raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
             if ROUTE_FILE in item["files"]:
                 raise BankError(f"{self.path / name / ROUTE_FILE}: the entry holds route state already; entries are never overwritten")
-            self._remove_leftovers()
+            self._remove_leftovers(lock)
             folder = self.path / name
-            tmp = self.path / f".{name}.{ROUTE_FILE}"  # outside the entry: a killed writer's leftover is removed by the next add
+            tmp = temp_path(self.path / f"{name}.{ROUTE_FILE}")  # outside the entry: a killed writer's is removed by the next writer
             save_file({k: v.detach().float().cpu().contiguous() for k, v in route.items()}, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

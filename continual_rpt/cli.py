@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from continual_rpt.streams import DataConfig, TaskSpec, load_data
     from continual_rpt.tasks import get_task
 
-    if args.out.exists():
+    if args.out.exists():  # checked again when writing, under a lock: another training may take --out meanwhile
         raise FileExistsError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
     if args.method in METHODS and args.method not in SINGLE_TASK_METHODS:  # one vocabulary with crpt run, one task here
         raise ValueError(f"--method {args.method!r} learns a stream of tasks: use crpt run STREAM --method {args.method}; "
@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
     if rank != 0:  # under `accelerate launch` every process holds the same result; one writes it
         return 0
-    entry_for(spec, data, backbone, backbone_cfg, trained).save_pretrained(args.out)
+    entry_for(spec, data, backbone, backbone_cfg, trained).save_pretrained(args.out, overwrite=False)
     m = trained.metrics
     test = ", ".join(f"{k} {v:.1f}" for k, v in m["test"].items())
     print(f"{m['task']} ({m['method']}): dev {m['dev_score']:.1f}  test {test}")
@@ -216,6 +216,7 @@ def import_adapter(args: argparse.Namespace) -> int:
     from continual_rpt.peft_format import import_peft, read_peft
     from continual_rpt.tasks import get_task, load_task_data
 
+    PromptBank.check_creatable(args.bank)  # a folder that is not a bank is refused before anything is loaded
     config, _ = read_peft(args.adapter)  # refuse a LoRA or prefix adapter before loading any weights
     base = args.backbone or config.get("base_model_name_or_path")
     if not base:

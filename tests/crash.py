@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,19 @@ def snapshot(folder: Path, skip=("log.txt",)) -> dict[str, bytes]:
 def hidden(folder: Path) -> list[str]:
     """Hidden files and folders anywhere under `folder` (a killed writer's temporary copies), the bank's lock aside."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name != ".lock")
+
+
+def temp_of(name: str, leftover: str, kind: str = "tmp") -> bool:
+    """Whether `leftover` is a writer's temporary name for `name` (continual_rpt.atomic.temp_path)."""
+    return re.fullmatch(rf"\.crpt-{kind}-\d+-[0-9a-f]{{8}}-{re.escape(name)}", leftover) is not None
+
+
+def stopped(pid: int, timeout: float = 120) -> None:
+    """Wait until process `pid` has stopped itself (SIGSTOP at a `CRPT_STOP_AT` point)."""
+    deadline = time.time() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.time() < deadline, f"process {pid} did not stop within {timeout} s"
+        time.sleep(0.01)
 
 
 def killed(argv: list[str], point: str) -> subprocess.CompletedProcess:

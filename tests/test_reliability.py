@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, zygote_fixture
+from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, temp_of, zygote_fixture
 from test_stream import write_stream
 
 from continual_rpt.bank import CONFIG_FILE, ENTRY_FILES, HEAD_FILE, META_FILE, METRICS_FILE, PROMPT_FILE, ROUTE_FILE, BankError, Entry, PromptBank
@@ -82,7 +82,7 @@ def check_bank(path: Path, finished: set[str], before: list[str]) -> list[str]:
     assert finished <= set(names), f"finished adds missing from the index: {finished - set(names)}"
     for name in names:
         assert not name.startswith("."), f"temporary folder {name!r} listed as an entry"
-        assert name not in ("bank.json", ".bank.json.tmp")
+        assert name != "bank.json"
         entry = bank.get(name)  # verifies every file's sha256 against the index
         assert {p.name for p in (path / name).iterdir()} == ENTRY_FILES == set(bank._index["entries"][names.index(name)]["files"])
         assert torch.equal(entry.prompt, expected_prompt(name))
@@ -96,12 +96,15 @@ def check_leftovers(path: Path, point: str, partial: str) -> None:
     leftovers = hidden(path)
     if point.startswith("bank.entry:"):  # a temporary folder holding the files written so far
         written = point.partition(":")[2].partition("@")[0]
-        assert len(leftovers) == 1 and leftovers[0].startswith(f".{partial}."), leftovers
+        assert len(leftovers) == 1 and temp_of(partial, leftovers[0]), leftovers
         assert {p.name for p in (path / leftovers[0]).iterdir()} == set(ENTRY_ORDER[: ENTRY_ORDER.index(written) + 1])
         assert not (path / partial).exists()
         return
     # Killed after the rename: the complete entry is in place but unlisted, so nobody reads it.
-    assert leftovers == ([".bank.json.tmp"] if point.startswith("replace:") else []), leftovers
+    if point.startswith("replace:"):
+        assert len(leftovers) == 1 and temp_of("bank.json", leftovers[0]), leftovers
+    else:
+        assert leftovers == [], leftovers
     assert partial not in PromptBank.open(path)
     assert torch.equal(Entry.from_pretrained(path / partial).prompt, expected_prompt(partial))
 
@@ -118,7 +121,7 @@ def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path, zygote
         assert done == [f"w{life}-{i}" for i in range(adds)], f"{point}: {seen}"
         finished |= set(done)
         if life == 0:  # killed creating the bank: there is none yet, and the next writer makes it
-            assert ["opened"] not in seen and hidden(path) == [".bank.json.tmp"]
+            assert ["opened"] not in seen and len(hidden(path)) == 1 and temp_of("bank.json", hidden(path)[0])
             with pytest.raises(BankError, match="not a prompt bank"):
                 PromptBank.open(path)
             continue
@@ -219,7 +222,7 @@ def test_run_killed_writing_its_first_file_starts_again(tmp_path, zygote, uninte
     out = tmp_path / "run"
     argv = ["run", uninterrupted[0], "--out", out, "--no-progress"]
     zygote.killed_run("replace:stream.json", *argv)
-    assert hidden(out) == [".stream.json.tmp"] and not (out / "stream.json").exists()
+    assert len(hidden(out)) == 1 and temp_of("stream.json", hidden(out)[0]) and not (out / "stream.json").exists()
     assert zygote.run(None, *argv, *again) == 0  # nothing was run: a plain start and --resume both begin afresh
     check_resumed(out, uninterrupted, {})
 
