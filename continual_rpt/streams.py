@@ -5,7 +5,7 @@
     backbone: {backbone: embedded, pooling: cls}
     strategy: bank                      # or progressive, shared, multitask, naive, ewc, lwf, replay, agem
     baseline: {ewc_lambda: 1000}        # BaselineConfig: settings of the Avalanche baselines
-    controls: true                      # majority-class and linear-probe scores beside the method's
+    controls: true                      # best-constant-answer and linear-probe scores beside the method's
     data: {k_per_class: 32}            # DataConfig defaults for every task
     prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
     train: {epochs: 10}                 # TrainConfig defaults
@@ -130,7 +130,7 @@ class Stream:
     base_dir: Path  # the stream file's folder: relative custom-data paths resolve against it
     strategy: str = "bank"
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    controls: bool = True  # score the majority class and a linear probe on every task, beside the method
+    controls: bool = True  # score the best constant answer and a linear probe on every task, beside the method
 
     def resolved(self) -> dict:
         """The whole configuration with every default filled in (saved next to a run)."""
