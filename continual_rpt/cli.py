@@ -240,78 +240,11 @@ def entry_backbone(entry, args: argparse.Namespace):
     return load_backbone(args.backbone or entry.meta["backbone"]["name"], pooling, args.device)
 
 
-def write_jsonl(lines: list[dict], output: Path | None) -> None:
-    """One JSON object per line, to `output` or standard output."""
-    out = open(output, "w") if output else sys.stdout
-    try:
-        for line in lines:
-            out.write(json.dumps(line) + "\n")
-    finally:
-        if output:
-            out.close()
-
-
-def answer_text(task, example, index: int) -> str:
-    """A predicted index as the task's answer: the label name, or the chosen candidate."""
-    return task.label_names[index] if task.kind == "classification" else example.candidates[index]
-
-
 def predict_file(bank, args: argparse.Namespace) -> int:
-    """Predict every example of --input with a stored prompt (given by --task, or routed) and write one JSON line each."""
-    from continual_rpt.evaluation import predict_from_bank
-    from continual_rpt.tasks import read_examples, task_from_meta
+    """`crpt bank predict`: each --input row answered by the task's entry, or the entry it is routed to (bank_predict)."""
+    from continual_rpt.bank_predict import predict_file as predict
 
-    if args.task and args.task_option and args.task != args.task_option:
-        raise ValueError(f"two tasks given ({args.task!r} and --task {args.task_option!r}); give one")
-    args.task = args.task or args.task_option
-    if args.task is None:
-        return predict_routed(bank, args)
-    entry = bank.get(args.task)
-    task = task_from_meta(entry.meta, args.bank / args.task)
-    examples = read_examples(entry.meta, args.input)
-    predictions = predict_from_bank(bank, args.task, examples, entry_backbone(entry, args))
-    write_jsonl([{"uid": ex.uid, "prediction": answer_text(task, ex, i), "index": i} for ex, i in zip(examples, predictions)], args.output)
-    return 0
-
-
-def predict_routed(bank, args: argparse.Namespace) -> int:
-    """Route every row of a jsonl file to the entry that should answer it, and answer it with that entry."""
-    from continual_rpt.routing import routable, route
-    from continual_rpt.tasks import DataError, task_from_meta
-    from continual_rpt.tasks.data import decode_json_line, read_lines
-
-    names, skipped = routable(bank)
-    if skipped:
-        print(f"crpt: {len(skipped)} entries hold no route state and are not routed to: {', '.join(skipped)} "
-              "(made before routing existed; answer their rows with --task NAME, or add it: crpt bank index-routes BANK)", file=sys.stderr)
-    tasks = {name: task_from_meta(bank.get(name).meta, bank.path / name) for name in names}
-    _, lines = read_lines(args.input)
-    by_reader: dict[tuple[str, ...], list[tuple[int, object]]] = {}  # the entries that can read a row, and its examples
-    for number, line in lines:
-        where = f"{args.input}:{number}"
-        row = decode_json_line(line, where)
-        # Offered to the entries whose task needs no field the row lacks, and read without its label: a gold
-        # label (which one task's parser would refuse for naming another's class) plays no part in routing.
-        readers, parsed, errors = [name for name, task in tasks.items() if task.reads_row(row)], None, []
-        for name in readers:
-            try:
-                parsed = tasks[name].parse_inputs(row, where)
-                break
-            except DataError as err:
-                errors.append(f"{name}: {err}")
-        if parsed is None:
-            needs = "; ".join(f"{name} needs {', '.join(task.input_fields)}" for name, task in tasks.items() if name not in readers)
-            raise DataError(f"{where}: no entry of {bank.path} can read this row ({'; '.join(errors + [needs] * bool(needs)) or 'no routable entries'})")
-        by_reader.setdefault(tuple(readers), []).extend((number, ex) for ex in parsed)
-    backbone = entry_backbone(bank.get(names[0]), args)
-    results = {}
-    for readers, items in by_reader.items():
-        routed = route(bank, [ex for _, ex in items], backbone, args.router, list(readers))
-        results.update({(number, ex.uid): (ex, r) for (number, ex), r in zip(items, routed)})
-    write_jsonl([{"line": number, "uid": uid, "task": r.task, "routing_score": r.routing_score,
-                  "prediction": answer_text(tasks[r.task], ex, r.index), "index": r.index}
-                 for (number, uid), (ex, r) in sorted(results.items(), key=lambda kv: kv[0][0])], args.output)
-    return 0
+    return predict(bank, args, lambda entry: entry_backbone(entry, args))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

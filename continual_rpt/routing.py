@@ -7,9 +7,20 @@ output, the states of the first tokens and the log length of each segment, D = 2
     basis [k, D], spread [k]    the k leading principal directions and the variance along each
     count [1]                   how many inputs were summarised
     temperature [1]             the entry's softmax temperature, fit on its dev split (confidence router)
+    max_length, bf16, pooling, feature_version [1] each: the featurization the state was built with
 A router is a pure function of the stored states of the entries it is given, so learning task j
 never changes how earlier inputs are routed except by j competing with them. Routing reads
 inputs only, never labels.
+
+One featurization: every caller (a run's task-free scores, `crpt bank predict` without a task,
+experiments/routing.py) featurizes an input as each entry's route state says it featurized that
+entry's training inputs (`Featurization.of_entry`): truncated to the entry's max_length, in bf16 or
+fp32 as it was, with the pooling it was built with. Entries stored before the featurization was
+recorded were built at their stored config's train.max_length (and train.bf16), which is what they
+fall back to. In a bank whose entries were featurized differently (tasks with different
+max_length), an input is featurized once per distinct featurization and compared with each entry
+under that entry's own: its distance to entry t is measured from its features as t's state would
+have summarised them (the Mahalanobis router's shared covariance still pools every state).
 
 Routers:
     mahalanobis  nearest task mean under one covariance shared by the tasks: the count-weighted mean of
@@ -27,7 +38,7 @@ import torch
 from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
+from continual_rpt.bank import ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import autocast, bank_option_scores, length_batches, option_scores, predict_from_bank
 from continual_rpt.tasks import Example, task_from_meta
 
@@ -36,6 +47,9 @@ RANK = 8  # principal directions kept per task; the rest of its variance is kept
 SHRINKAGE = 0.1  # weight of the isotropic part in the shared covariance (d = 384 features, a few hundred inputs per task)
 MAX_INPUTS = 2000  # training inputs summarised per task (a seeded subset beyond that)
 TEMPERATURES = tuple(10 ** (k / 10) for k in range(-10, 16))  # 0.1 … 31.6, log-spaced
+FEATURE_VERSION = 1  # what Backbone.input_features computes; raise it when a family's features change
+POOLING_CODES = ("none", "cls", "mean")  # route state stores the pooling as its index here ("none": the family has no choice)
+FEATURIZATION_KEYS = ("max_length", "bf16", "pooling", "feature_version")
 
 
 @torch.no_grad()
@@ -49,6 +63,69 @@ def input_features(backbone: Backbone, features: list[Features], batch_size: int
         for local, i in enumerate(batch_ids):
             out[i] = x[local]
     return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class Featurization:
+    """How inputs became an entry's route features: truncation, precision, pooling and feature version."""
+
+    max_length: int
+    bf16: bool
+    pooling: str  # one of POOLING_CODES
+    version: int = FEATURE_VERSION
+
+    @classmethod
+    def of(cls, backbone: Backbone, max_length: int, bf16: bool) -> Featurization:
+        """The featurization `backbone` applies at this max_length and precision."""
+        return cls(max_length, bf16, getattr(backbone, "pooling", None) or "none")
+
+    @classmethod
+    def of_entry(cls, entry: Entry, where) -> Featurization:
+        """What the entry's route state was built with: as stored, else (older entries) as its config trained it."""
+        route = entry.route
+        if "max_length" in route:
+            code = int(route["pooling"])
+            if not 0 <= code < len(POOLING_CODES):
+                raise BankError(f"{where}: route state's pooling code {code} is not one of 0..{len(POOLING_CODES) - 1}")
+            return cls(int(route["max_length"]), bool(route["bf16"]), POOLING_CODES[code], int(route["feature_version"]))
+        train = entry.config.get("train", {})
+        pooling = entry.meta.get("backbone", {}).get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
+        return cls(int(train.get("max_length", 256)), bool(train.get("bf16", True)), pooling, FEATURE_VERSION)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The featurization as route-state entries (safetensors hold tensors only)."""
+        return {"max_length": torch.tensor([float(self.max_length)]), "bf16": torch.tensor([float(self.bf16)]),
+                "pooling": torch.tensor([float(POOLING_CODES.index(self.pooling))]),
+                "feature_version": torch.tensor([float(self.version)])}
+
+    def features(self, backbone: Backbone, examples: list[Example], where, batch_size: int = 64) -> Tensor:
+        """The route features of `examples` under this featurization, [N, D]; refused where `backbone` cannot repeat it."""
+        if self.version != FEATURE_VERSION:
+            raise BankError(f"{where}: route state of feature version {self.version}, this library computes version "
+                            f"{FEATURE_VERSION}; the entry was made by another version")
+        pooling = getattr(backbone, "pooling", None) or "none"
+        if self.pooling != pooling and "none" not in (self.pooling, pooling):
+            raise BankError(f"{where}: route state built with {self.pooling} pooling, the backbone pools by {pooling}")
+        return input_features(backbone, backbone.featurize(examples, self.max_length), batch_size, self.bf16)
+
+
+def entry_features(entries: dict[str, Entry], where, examples: list[Example], backbone: Backbone,
+                   cache: dict | None = None) -> dict[str, Tensor]:
+    """Every entry's view of `examples`: their features under its own featurization, computed once per distinct one.
+
+    `cache` (optional) keeps them between calls, keyed by featurization: pass one per list of examples.
+    """
+    cache = {} if cache is None else cache
+    out = {}
+    for name, entry in entries.items():
+        f = Featurization.of_entry(entry, where / name / ROUTE_FILE)
+        if f not in cache:
+            cache[f] = f.features(backbone, examples, where / name / ROUTE_FILE)
+        if entry.route["mean"].shape[0] != cache[f].shape[1]:  # other features than this backbone computes (another library version)
+            raise BankError(f"{where / name / ROUTE_FILE}: route state of {entry.route['mean'].shape[0]} features, "
+                            f"this backbone's inputs have {cache[f].shape[1]}; the entry was made by another version")
+        out[name] = cache[f]
+    return out
 
 
 def summarize_inputs(x: Tensor, rank: int = RANK) -> dict[str, Tensor]:
@@ -79,7 +156,8 @@ def route_state(backbone: Backbone, train: list[Example], dev: list[Example], pr
     if len(train) > MAX_INPUTS:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:MAX_INPUTS]
         train = [train[i] for i in sorted(order.tolist())]
-    state = summarize_inputs(input_features(backbone, backbone.featurize(train, max_length), batch_size, bf16))
+    featurization = Featurization.of(backbone, max_length, bf16)
+    state = {**summarize_inputs(featurization.features(backbone, train, "training inputs", batch_size)), **featurization.tensors()}
     n_tokens = 0 if prompt is None else prompt.shape[-2]
     labelled = [ex for ex in dev if ex.label >= 0]
     if not labelled:
@@ -104,28 +182,44 @@ def shared_precision(states: list[dict[str, Tensor]]) -> Tensor:
     return torch.linalg.inv(cov)
 
 
-def mahalanobis_distances(x: Tensor, states: list[dict[str, Tensor]]) -> Tensor:
-    """Squared Mahalanobis distance of every feature row to every state's mean under the shared covariance, [N, T] fp64."""
-    means = torch.stack([s["mean"] for s in states]).double()  # [T, d]
-    diff = x.double().unsqueeze(1) - means.unsqueeze(0)  # [N, T, d]
-    return torch.einsum("ntd,de,nte->nt", diff, shared_precision(states), diff)
+def state_views(x: Tensor | list[Tensor], states: list[dict[str, Tensor]]) -> list[Tensor]:
+    """The inputs' features as each state sees them, fp64: `x` [N, D] for all states, or a list of one per state."""
+    views = [x] * len(states) if isinstance(x, Tensor) else x
+    if len(views) != len(states):
+        raise ValueError(f"{len(views)} feature matrices for {len(states)} route states")
+    return [view.double() for view in views]
 
 
-def route_features(x: Tensor, states: list[dict[str, Tensor]], router: str, allowed: Tensor | None = None) -> tuple[list[int], list[float]]:
-    """Index of the chosen state for every feature row, and its routing score (posterior, or cosine).
+def mahalanobis_distances(x: Tensor | list[Tensor], states: list[dict[str, Tensor]]) -> Tensor:
+    """Squared Mahalanobis distance of every input to every state's mean under the shared covariance, [N, T] fp64.
 
-    `allowed` [N, T] (bool) leaves out the states an example cannot go to (an entry that cannot read it).
+    `x` is the inputs' features [N, D], or one such matrix per state (each under its state's featurization).
     """
-    means = torch.stack([s["mean"] for s in states]).double()  # [T, d]
-    x = x.double()
-    allowed = torch.ones(x.shape[0], len(states), dtype=torch.bool) if allowed is None else allowed
+    precision = shared_precision(states)
+    columns = []
+    for view, s in zip(state_views(x, states), states):
+        diff = view - s["mean"].double()
+        columns.append(((diff @ precision) * diff).sum(1))
+    return torch.stack(columns, 1)
+
+
+def route_features(x: Tensor | list[Tensor], states: list[dict[str, Tensor]], router: str,
+                   allowed: Tensor | None = None) -> tuple[list[int], list[float]]:
+    """Index of the chosen state for every input, and its routing score (posterior, or cosine).
+
+    `x` as for `mahalanobis_distances`; `allowed` [N, T] (bool) leaves out the states an example cannot
+    go to (an entry that cannot read it).
+    """
+    views = state_views(x, states)
+    allowed = torch.ones(views[0].shape[0], len(states), dtype=torch.bool) if allowed is None else allowed
     if router == "prototype":
-        similarity = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+        unit = torch.nn.functional.normalize
+        similarity = torch.stack([unit(view, dim=1) @ unit(s["mean"].double(), dim=0) for view, s in zip(views, states)], 1)
         best = similarity.masked_fill(~allowed, float("-inf")).max(1)
         return best.indices.tolist(), best.values.tolist()
     if router != "mahalanobis":
         raise ValueError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
-    distance = mahalanobis_distances(x, states).masked_fill(~allowed, float("inf"))
+    distance = mahalanobis_distances(views, states).masked_fill(~allowed, float("inf"))
     posterior = (-distance / 2).softmax(1)  # equal priors, one shared Gaussian shape
     best = posterior.max(1)
     return best.indices.tolist(), best.values.tolist()
@@ -182,8 +276,11 @@ def routable(bank: PromptBank, names: list[str] | None = None) -> tuple[list[str
 
 
 def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router: str = "mahalanobis",
-          names: list[str] | None = None, max_length: int = 256) -> list[Routed]:
-    """Route every example to one of the bank's entries (default all of them) and answer it with that entry."""
+          names: list[str] | None = None) -> list[Routed]:
+    """Route every example to one of the bank's entries (default all of them) and answer it with that entry.
+
+    Each entry compares the examples featurized as its route state says (`Featurization.of_entry`).
+    """
     names, skipped = routable(bank, names)
     if not names:
         raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
@@ -203,12 +300,8 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
             if i not in best or sure > best[i][0]:
                 best[i] = (sure, t, int(s.argmax()))
         return [Routed(names[best[i][1]], best[i][0], best[i][2]) for i in range(len(examples))]
-    x = input_features(backbone, backbone.featurize(examples, max_length))
-    for name in names:  # a state summarises other features than this backbone computes (another library version)
-        if entries[name].route["mean"].shape[0] != x.shape[1]:
-            raise BankError(f"{bank.path / name / ROUTE_FILE}: route state of {entries[name].route['mean'].shape[0]} features, "
-                            f"this backbone's inputs have {x.shape[1]}; the entry was made by another version")
-    indices, scores = route_features(x, [entries[n].route for n in names], router, allowed)
+    x = entry_features(entries, bank.path, examples, backbone)
+    indices, scores = route_features([x[n] for n in names], [entries[n].route for n in names], router, allowed)
     answers = bank_option_scores(bank, examples, [names[t] for t in indices], backbone)  # tasks mixed in every batch
     return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
 
@@ -224,25 +317,25 @@ def state_bytes(state: dict[str, Tensor]) -> int:
 
 
 
-def answer_as(task, example: Example, other_meta: dict, index: int) -> int:
-    """Another entry's answer `index` to `example`, in `task`'s terms: the same label where both name it
-    (Amazon and Yelp share theirs), else a wrong answer (the option after the gold one)."""
+def answer_as(task, other_meta: dict, index: int) -> int | None:
+    """Another entry's answer `index`, in `task`'s terms: the same label where both tasks name it (Amazon and Yelp
+    share theirs), else None, no answer: `Task.score` counts it wrong and as no other class's prediction."""
     if task.kind == other_meta["kind"] == "classification" and other_meta["label_names"][index] in task.label_names:
         return task.label_names.index(other_meta["label_names"][index])
-    options = len(task.label_names) if task.kind == "classification" else len(example.candidates)
-    return (example.label + 1) % options
+    return None
 
 
 def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
-                     cache: dict[str, Tensor], max_length: int, router: str = "mahalanobis") -> tuple[dict, dict] | None:
+                     cache: dict[str, dict], router: str = "mahalanobis") -> tuple[dict, dict] | None:
     """Every seen task's test score when each example is routed among the entries of `names` (None if one cannot be).
 
     `aware` holds each task's task-aware predictions, reused where an example is routed home; `cache`
-    keeps the test inputs' features (the backbone is frozen, so they never change). As `crpt bank predict`
-    routes a file's row only among the entries whose parser reads it, an example is routed only among
-    the entries whose task reads its task's row fields (WiC rows never go to RTE). An example routed
-    to another entry gets that entry's answer, scored as the same label where both tasks name it
-    (Amazon and Yelp share theirs) and as a wrong answer otherwise. Returns (scores, confusion).
+    keeps the test inputs' features per task and featurization (the backbone is frozen, so they never
+    change). As `crpt bank predict` routes a file's row only among the entries whose parser reads it,
+    an example is routed only among the entries whose task reads its task's row fields (WiC rows
+    never go to RTE), each comparing it under its own featurization. An example routed to another
+    entry gets that entry's answer where both tasks name it (Amazon and Yelp share their labels) and
+    no answer otherwise (`answer_as`). Returns (scores, confusion).
     """
     if not all(name in bank for name in names):
         return None  # a strategy that writes its entries only at the end of the stream
@@ -252,20 +345,19 @@ def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: B
     scores, confusion = {}, {}
     for name in names:
         d = data[name]
-        if name not in cache:
-            cache[name] = input_features(backbone, backbone.featurize(d.test, max_length))
         readers = readers_of(bank, names, d.task)  # the entries route() would be given for these rows
+        x = entry_features({n: entries[n] for n in readers}, bank.path, d.test, backbone, cache.setdefault(name, {}))
         allowed = answerable([entries[n].meta["kind"] for n in readers], d.test)
-        chosen, _ = route_features(cache[name], [entries[n].route for n in readers], router, allowed)
+        chosen, _ = route_features([x[n] for n in readers], [entries[n].route for n in readers], router, allowed)
         routed = [names.index(readers[k]) for k in chosen]
-        predictions = list(aware[name])
+        predictions: list[int | None] = list(aware[name])
         for t, other in enumerate(names):
             mine = [i for i, k in enumerate(routed) if k == t]
             if other == name or not mine:
                 continue
             answers = predict_from_bank(bank, other, [d.test[i] for i in mine], backbone)
             for i, answer in zip(mine, answers):
-                predictions[i] = answer_as(d.task, d.test[i], entries[other].meta, answer)
+                predictions[i] = answer_as(d.task, entries[other].meta, answer)
         scores[name] = d.task.score(d.test, predictions)
         confusion[name] = {other: routed.count(t) for t, other in enumerate(names)}
     return scores, confusion

@@ -99,7 +99,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
             raise RunError(f"{out / BANK_DIR / name}: trained on other data files than the stream reads now "
                            f"({', '.join(data[name].files)}); restore them, or start a new run")
     strategy = make_strategy(stream, backbone, bank, out)
-    input_cache: dict = {}  # test inputs' prompt-free features, for routing
+    input_cache: dict = {}  # test inputs' prompt-free features per task and featurization, for routing
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
         bar.set_postfix(task=spec.name)
@@ -119,7 +119,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
         if aware:  # the same tests with the task not given: each example routed to an entry (not in the task's time)
             seen = [t.name for t in stream.tasks[: i + 1]]
-            free = task_free_scores(bank, seen, data, backbone, aware, input_cache, max(t.train.max_length for t in stream.tasks[: i + 1]))
+            free = task_free_scores(bank, seen, data, backbone, aware, input_cache)  # each entry's own featurization
             if free is not None:
                 state.setdefault("task_free", {})[str(i)] = {"scores": {n: v["score"] for n, v in free[0].items()}, "routing": free[1]}
         if stream.controls:  # not in the task's time: the controls are the reader's, not the method's

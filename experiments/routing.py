@@ -38,7 +38,7 @@ def task_free_score(task, examples, routed, home: str, bank, backbone) -> float:
     """The task's score when its examples are answered by the entries they were routed to (as in crpt run)."""
     own = predict_from_bank(bank, home, examples, backbone)
     metas = {name: bank.get(name).meta for name in {r.task for r in routed}}
-    predictions = [mine if r.task == home else answer_as(task, ex, metas[r.task], r.index) for ex, r, mine in zip(examples, routed, own)]
+    predictions = [mine if r.task == home else answer_as(task, metas[r.task], r.index) for r, mine in zip(routed, own)]
     return task.score(examples, predictions)["score"]
 
 
@@ -69,12 +69,11 @@ def main() -> int:
     args = parser.parse_args()
     metrics, stream, bank, backbone, data = finished_run(args.stream, args.run, args.data_dir)
     names = bank.tasks()
-    max_length = max(spec.train.max_length for spec in stream.tasks)
     result = {"run": str(args.run), "tasks": names, "task_aware": metrics["final_scores"], "routers": {}}
     for router in args.routers.split(","):
         start = time.perf_counter()
-        routed = {name: route(bank, data[name].test, backbone, router, readers_of(bank, names, data[name].task), max_length)
-                  for name in names}  # each test set among the entries that read its rows, as crpt run and crpt bank predict do
+        routed = {name: route(bank, data[name].test, backbone, router, readers_of(bank, names, data[name].task))
+                  for name in names}  # each test set among the entries that read its rows, each entry featurizing as its state says
         seconds = time.perf_counter() - start
         confusion = {name: {other: sum(r.task == other for r in routed[name]) for other in names} for name in names}
         total = sum(len(data[n].test) for n in names)

@@ -69,8 +69,13 @@ class Task:
         _require_object(row, where)
         return self.hub_parser(row, where)
 
-    def score(self, examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
-        """Every metric of the task in percent, plus "score", their mean (the official task score)."""
+    def score(self, examples: Sequence[Example], predictions: Sequence[int | None]) -> dict[str, float]:
+        """Every metric of the task in percent, plus "score", their mean (the official task score).
+
+        A prediction of None is no answer (a task-free row routed to an entry that cannot answer in this
+        task's terms): wrong under every metric, and no class's prediction (for F1, a false negative of
+        its gold class and a false positive of none).
+        """
         if len(examples) != len(predictions):
             raise ValueError(f"{self.name}: {len(examples)} examples but {len(predictions)} predictions")
         if not examples:
@@ -79,7 +84,7 @@ class Task:
             if example.label < 0:
                 raise ValueError(f"{self.name}: cannot score unlabeled example {example.uid}")
             n_options = len(self.label_names) if self.kind == "classification" else len(example.candidates)
-            if not 0 <= prediction < n_options:
+            if prediction is not None and not 0 <= prediction < n_options:
                 raise ValueError(f"{self.name}: prediction {prediction} out of range for {example.uid}")
         fractions = self.scorer(examples, predictions)
         scores = {name: 100.0 * fractions[name] for name in self.metric_names}

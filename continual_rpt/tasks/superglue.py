@@ -305,7 +305,7 @@ def _score_multirc(examples: Sequence[Example], predictions: Sequence[int]) -> d
 
 
 def _score_record(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
-    texts = [example.candidates[p] for example, p in zip(examples, predictions)]
+    texts = ["" if p is None else example.candidates[p] for example, p in zip(examples, predictions)]  # None: no answer
     return {
         name: mean(metrics.max_over_golds(metric, text, example.answers) for text, example in zip(texts, examples))
         for name, metric in (("f1", metrics.token_f1), ("em", metrics.exact_match))
