@@ -44,7 +44,7 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate dev every this many steps (0: once per epoch)"})
     patience: int = field(default=3, metadata={"help": "stop after this many dev evaluations without improvement (0: never)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the backbone (P, Φ and head stay fp32)"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the backbone and the head's matmul (P, Φ and the head's weights stay fp32)"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt initialisation, head and data order"})
 
     def __post_init__(self) -> None:

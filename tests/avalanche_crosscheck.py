@@ -1,9 +1,11 @@
-"""Cross-check for tests: a finished run's accuracy matrix, forgetting and BWT recomputed by Avalanche's own evaluation loop.
+"""Cross-check for tests: a finished run's accuracy matrix, average, forgetting and BWT recomputed by Avalanche.
 
 Avalanche's loop runs over the stream as in training, except that "training" on experience i
 restores the run's stored state after task i (bank entries for bank and progressive runs; the
 states folder for Avalanche strategies); Avalanche then evaluates every test experience seen so
-far with its accuracy, forgetting and BWT metrics.
+far, and every figure returned is one of Avalanche's metrics (or Avalanche's `Mean` of them), never
+one of the project's own functions, so the test comparing them with a run's `metrics.json` checks
+the project's arithmetic against an independent implementation.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.evaluation.metrics import Mean, accuracy_matrix_metrics, accuracy_metrics, bwt_metrics, forgetting_metrics
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.supervised import Naive
 from safetensors.torch import load_file
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 
 from continual_rpt.backbones import Backbone
 from continual_rpt.bank import PromptBank
-from continual_rpt.evaluation import average_score, forgetting, load_answerer
+from continual_rpt.evaluation import load_answerer
 from continual_rpt.run import BANK_DIR, STREAM_FILE
 from continual_rpt.strategies import REGISTRY
 from continual_rpt.strategies.avalanche import STATES_DIR
@@ -112,22 +114,23 @@ def _run_states(stream: Stream, run_dir: Path, backbone: Backbone) -> list[dict[
 
 
 def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -> dict:
-    """A finished run's accuracy matrix, average accuracy, forgetting and BWT from Avalanche's evaluation loop.
+    """A finished run's CL metrics as Avalanche's metrics compute them, in percent like the run's.
 
-    Avalanche's loop runs over the stream as in training, except that "training" on experience i
-    restores the run's stored state after task i (bank entries for bank and progressive runs; the
-    states folder for Avalanche strategies); Avalanche then evaluates every test experience seen so
-    far with its accuracy, forgetting and BWT metrics. Figures are percent, like the run's.
-
-    - `accuracy_matrix`, `average_accuracy`: Top1_Acc_Exp after each task, and the final row's mean.
-      They equal the run's matrix and average_score where a task's score is accuracy (not CB,
-      MultiRC, ReCoRD), since both score the same predictions.
-    - `pooled_accuracy`: Avalanche's Top1_Acc_Stream of the final evaluation, all test examples pooled, so
-      tasks weigh by their test size (Avalanche names it after the last experience's task label).
-    - `backward_transfer`: Avalanche's StreamBWT, mean over j < T of R[T][j] − R[j][j], the run's definition.
-    - `avalanche_forgetting`: Avalanche's StreamForgetting, R[j][j] − R[T][j] averaged the same way, which is
-      −BWT; the run's `forgetting` (Chaudhry et al.) subtracts from the best earlier score instead, and
-      `forgetting` here is that definition applied to Avalanche's accuracy matrix.
+    R[i][j] is the test score of task j after learning task i, T the number of tasks; how each
+    figure maps to the run's `metrics.json`:
+    - `accuracy_matrix`: Avalanche's Top1_Acc_Exp of experience j in the evaluation after experience i;
+      the run's R where a task's score is accuracy (not CB, MultiRC, ReCoRD): both score the same predictions.
+    - `avalanche_matrix`: Avalanche's AccuracyMatrixPluginMetric after the last experience, the same
+      matrix counted a second way by Avalanche (0 above the diagonal, where nothing was evaluated).
+    - `average_accuracy`: Avalanche's `Mean` of the final Top1_Acc_Exp values: the run's `average_score`.
+    - `pooled_accuracy`: Top1_Acc_Stream of the final evaluation, all test examples pooled, so tasks
+      weigh by their test size (Avalanche names it after the last experience's task label); no run figure.
+    - `backward_transfer`: StreamBWT, mean over j < T of R[T][j] − R[j][j]: the run's `backward_transfer`.
+    - `forgetting`: StreamForgetting, mean over j < T of R[j][j] − R[T][j] (the score right after learning
+      j minus the final one), which is −BWT. The run's `forgetting` is Chaudhry et al.'s: the best score
+      R[l][j] (j ≤ l < T) minus the final one; the two agree where no task's score rose after it was
+      learned, and otherwise the run's is larger by the mean of those rises.
+    - `experience_forgetting`: ExperienceForgetting of each j < T, R[j][j] − R[T][j].
     - `avalanche`: Avalanche's final metric values under its own names (fractions).
     `base_dir`: the folder that the stream's relative custom-data paths resolve against.
     """
@@ -147,7 +150,7 @@ def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_LOGGERS)
         evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), forgetting_metrics(experience=True, stream=True),
-                                     bwt_metrics(experience=True, stream=True))
+                                     bwt_metrics(experience=True, stream=True), accuracy_matrix_metrics())
     # Avalanche's template needs an optimizer; with no training epochs it never steps.
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
                      train_epochs=0, eval_mb_size=EVAL_BATCH, device=backbone.device, evaluator=evaluator, plugins=[_RunState(states)])
@@ -158,12 +161,17 @@ def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -
         evaluator.reset_last_metrics()  # so that `last` holds this evaluation's values only
         last = strategy.eval(benchmark.test_stream[: i + 1])
         R.append([100 * last[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(i + 1)] + [None] * (T - 1 - i))
+    average = Mean()
+    for accuracy in R[-1]:
+        average.update(accuracy, weight=1)
+    stream_metric = {name: 100 * last[f"{name}/eval_phase/test_stream"] if T > 1 else None for name in ("StreamBWT", "StreamForgetting")}
     return {
         "accuracy_matrix": R,
-        "average_accuracy": average_score(R),
+        "avalanche_matrix": (100 * last["EvalStream/Acc_Matrix"]).tolist(),
+        "average_accuracy": average.result(),
         "pooled_accuracy": 100 * next(v for k, v in last.items() if k.startswith("Top1_Acc_Stream/")),
-        "forgetting": forgetting(R),
-        "backward_transfer": 100 * last["StreamBWT/eval_phase/test_stream"] if T > 1 else None,
-        "avalanche_forgetting": 100 * last["StreamForgetting/eval_phase/test_stream"] if T > 1 else None,
+        "backward_transfer": stream_metric["StreamBWT"],
+        "forgetting": stream_metric["StreamForgetting"],
+        "experience_forgetting": [100 * last[f"ExperienceForgetting/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(T - 1)],
         "avalanche": dict(last),
     }
