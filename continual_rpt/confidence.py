@@ -1,12 +1,25 @@
-"""Resolution: 95% bootstrap confidence intervals over test examples, for scores and paired differences.
+"""Resolution: 95% percentile bootstrap intervals for scores and paired differences, counting seeds and test examples.
 
-A resample draws test units with replacement, a unit being an example or, where examples are
-scored together, its group (a MultiRC question, a ReCoRD query). The draws depend only on the
-test set and the bootstrap seed, so every run of a stream scores the same R resamples: a run keeps
-its R resampled scores per task (`bootstrap.json`), and any comparison is paired by resample.
-Seeds are averaged inside each resample, and a task average is the mean of its tasks' resampled
-scores, so an interval reflects both the test sample and the seeds. A difference counts as
-resolved only when its interval excludes 0.
+Test-example resamples. A resample draws test units with replacement, a unit being an example or,
+where examples are scored together, its group (a MultiRC question, a ReCoRD query). The draws
+depend only on the test set and the bootstrap seed, so every run of a test set scores the same R
+resamples, in the same order: a run keeps its score on each (`bootstrap.json`, a grid record's
+`test_resampled`), and resample r of one run is paired with resample r of any other.
+
+Two intervals of a mean over seeds (`intervals`), each from one value per test resample r:
+- seeds and test examples (the one that decides "resolved"): draw k seeds with replacement from
+  the k seeds (draw r of a generator with a fixed seed), and average the drawn seeds' scores on
+  test resample r. The test set is shared by the seeds, so one test resample serves every drawn seed.
+  It counts both what another seed would change (data sample, initial prompt, batch order) and
+  what another test sample would change.
+- test-sample: every seed once, averaged on test resample r; the noise of the test sample alone.
+With one seed there is nothing to draw: both intervals are the same.
+
+A task average is taken per seed and resample first; a paired difference is taken per seed and
+resample (same seed: same training sample and initial prompt; same r: same test examples) and
+then bootstrapped like a score, so both sides draw the same seeds and the same test resample.
+The bounds are numpy.quantile's (linear interpolation) at 2.5 % and 97.5 %. A difference counts
+as resolved only when its seeds-and-test interval excludes 0.
 """
 
 from __future__ import annotations
@@ -14,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from statistics import mean
+
+import numpy as np
 
 from continual_rpt.tasks import Example, Task
 
 RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
+ONE_SEED_NOTE = "with one seed there is no seed to resample, so both intervals are the test-sample interval"
 
 
 @dataclass(frozen=True)
@@ -55,13 +70,26 @@ def resampled_scores(task: Task, examples: list[Example], predictions: list[int]
     return scores
 
 
-def interval(estimate: float, resampled: list[float], level: float = LEVEL) -> Interval:
-    """Percentile interval of the resampled values at `level` around `estimate`."""
-    values = sorted(resampled)
+def interval(estimate: float, resampled, level: float = LEVEL) -> Interval:
+    """Percentile interval (numpy.quantile, linear interpolation) of the resampled values at `level` around `estimate`."""
     tail = (1 - level) / 2
-    return Interval(estimate, values[int(tail * len(values))], values[min(len(values) - 1, int((1 - tail) * len(values)))])
+    low, high = np.quantile(np.asarray(resampled, dtype=float), [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high))
 
 
-def pooled(runs: list[dict[str, list[float]]], tasks: list[str]) -> list[float]:
-    """Per resample: the mean over tasks of the mean over runs (seeds) of each run's resampled score."""
-    return [mean(mean(run[t][r] for run in runs) for t in tasks) for r in range(len(runs[0][tasks[0]]))]
+def by_seed(runs: list[dict[str, list[float]]], tasks: list[str]) -> np.ndarray:
+    """[seeds, R]: each run's (seed's) mean over `tasks` of its score on test resample r."""
+    return np.array([[run[t] for t in tasks] for run in runs], dtype=float).mean(axis=1)
+
+
+def seed_and_test_resamples(per_seed: np.ndarray, seed: int = SEED) -> np.ndarray:
+    """Per test resample r: the mean over k seeds drawn with replacement (draw r of a generator seeded `seed`) of their scores on r."""
+    k, resamples = per_seed.shape
+    drawn = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    return per_seed[drawn, np.arange(resamples)[:, None]].mean(axis=1)
+
+
+def intervals(estimate: float, per_seed: np.ndarray, level: float = LEVEL) -> tuple[Interval, Interval]:
+    """(seeds-and-test interval, test-sample interval) of the mean over seeds; `per_seed` is [seeds, R] (see `by_seed`)."""
+    per_seed = np.asarray(per_seed, dtype=float)
+    return interval(estimate, seed_and_test_resamples(per_seed), level), interval(estimate, per_seed.mean(axis=0), level)

@@ -6,8 +6,9 @@
     accuracy_matrix_<method>.png   each method's accuracy matrix (mean over seeds), one shared colour scale
     score_along_stream.png         each task's score after learning each later task, one line per method
     final_scores.png               final score per task by method, error bars = std over seeds
-    differences.md, .csv           95% bootstrap intervals: each method's task average and final task scores
-                                   (seeds pooled), and its paired difference from the first method given
+    differences.md, .csv           95% bootstrap intervals over seeds and test examples (confidence.py) of each
+                                   method's task average and final task scores, and of its paired difference
+                                   from the first method given; the test-sample interval beside the average's
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import Normalize
 
-from continual_rpt.confidence import LEVEL, interval, pooled
+from continual_rpt.confidence import LEVEL, ONE_SEED_NOTE, by_seed, intervals
 
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",
             "final_scores", "per_task", "wall_seconds")
@@ -286,24 +287,27 @@ def load_bootstraps(runs: list[Path], groups: dict[str, list[dict]], loaded: lis
 
 
 def differences(boots: dict[str, dict[int, dict]], groups: dict[str, list[dict]], tasks: list[str]) -> pd.DataFrame:
-    """Per method: the task average and each final task score with their intervals, and the paired difference from the first method."""
+    """Per method: the task average and each final task score with their intervals (seeds and test examples; the
+    average's and the difference's also test-sample only), and the paired difference from the first method."""
     reference = next(iter(boots))
     rows = []
-    for label, by_seed in boots.items():
+    for label, seeds in boots.items():
         runs = {m.get("seed"): m for m in groups[label]}
-        average = interval(float(np.mean([runs[s]["average_score"] for s in by_seed])), pooled(list(by_seed.values()), tasks))
-        row = {"method": label, "seeds": len(by_seed), "average": average.estimate, "average_low": average.low, "average_high": average.high}
+        average, test_only = intervals(float(np.mean([runs[s]["average_score"] for s in seeds])), by_seed(list(seeds.values()), tasks))
+        row = {"method": label, "seeds": len(seeds), "average": average.estimate, "average_low": average.low, "average_high": average.high,
+               "average_test_low": test_only.low, "average_test_high": test_only.high}
         for t in tasks:
-            ci = interval(float(np.mean([runs[s]["final_scores"][t] for s in by_seed])), pooled(list(by_seed.values()), [t]))
+            ci = intervals(float(np.mean([runs[s]["final_scores"][t] for s in seeds])), by_seed(list(seeds.values()), [t]))[0]
             row.update({f"final_{t}": ci.estimate, f"final_{t}_low": ci.low, f"final_{t}_high": ci.high})
-        paired = sorted(set(by_seed) & set(boots[reference]), key=str)  # the same seeds: same data samples and initial prompts
+        paired = sorted(set(seeds) & set(boots[reference]), key=str)  # the same seeds: same data samples and initial prompts
         if label != reference and paired:
-            mine, theirs = pooled([by_seed[s] for s in paired], tasks), pooled([boots[reference][s] for s in paired], tasks)
+            mine, theirs = by_seed([seeds[s] for s in paired], tasks), by_seed([boots[reference][s] for s in paired], tasks)
             ref_runs = {m.get("seed"): m for m in groups[reference]}
             estimate = float(np.mean([runs[s]["average_score"] - ref_runs[s]["average_score"] for s in paired]))
-            diff = interval(estimate, [a - b for a, b in zip(mine, theirs)])
-            row.update({"vs": reference, "paired_seeds": len(paired), "difference": diff.estimate,
-                        "difference_low": diff.low, "difference_high": diff.high, "resolved": diff.excludes_zero})
+            diff, diff_test = intervals(estimate, mine - theirs)
+            row.update({"vs": reference, "paired_seeds": len(paired), "difference": diff.estimate, "difference_low": diff.low,
+                        "difference_high": diff.high, "difference_test_low": diff_test.low, "difference_test_high": diff_test.high,
+                        "resolved": diff.excludes_zero})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -312,17 +316,25 @@ def differences_markdown(frame: pd.DataFrame, tasks: list[str]) -> str:
     """differences.md: intervals of each method's scores and of its paired difference from the first method."""
     def span(row, stem):
         return f"{row[stem]:.1f} [{row[stem + '_low']:.1f}, {row[stem + '_high']:.1f}]"
-    header = ["method", "seeds", "average", *(f"final {t}" for t in tasks), "difference from first (paired seeds)", "resolved"]
-    lines = [f"# Confidence intervals ({LEVEL:.0%}, percentile bootstrap over test examples, seeds pooled)", "",
+    def test_span(row, stem):
+        return f"[{row[stem + '_test_low']:.1f}, {row[stem + '_test_high']:.1f}]"
+    header = ["method", "seeds", "average", "average, test-sample 95% interval", *(f"final {t}" for t in tasks),
+              "difference from first (paired seeds)", "difference, test-sample 95% interval", "resolved"]
+    lines = [f"# Confidence intervals ({LEVEL:.0%}, percentile bootstrap over seeds and test examples)", "",
              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for _, row in frame.iterrows():
         has_diff = "difference" in row and not pd.isna(row.get("difference"))
         diff = f"{span(row, 'difference')} vs {row['vs']} ({int(row['paired_seeds'])})" if has_diff else "—"
         resolved = ("yes" if row["resolved"] else "no") if has_diff else "—"
-        lines.append("| " + " | ".join([row["method"], str(row["seeds"]), span(row, "average"), *(span(row, f"final_{t}") for t in tasks),
-                                         diff, resolved]) + " |")
-    lines += ["", "A resample draws the test examples (MultiRC questions, ReCoRD queries) with replacement; every run of the stream "
-              "scores the same resamples, so a difference is paired by resample and by seed. Resolved: the interval excludes 0."]
+        lines.append("| " + " | ".join([row["method"], str(row["seeds"]), span(row, "average"), test_span(row, "average"),
+                                         *(span(row, f"final_{t}") for t in tasks), diff,
+                                         test_span(row, "difference") if has_diff else "—", resolved]) + " |")
+    lines += ["", "A test resample draws the test examples (MultiRC questions, ReCoRD queries) with replacement; every run of the "
+              "stream scores the same resamples. Each bootstrap draw takes the method's seeds with replacement and one test "
+              "resample for them, and averages the drawn seeds; a difference is taken per seed and resample first, so both "
+              "methods draw the same seeds and test examples. The test-sample interval averages every seed once per test "
+              f"resample: it leaves out what another seed would change ({ONE_SEED_NOTE}). Resolved: the interval over seeds "
+              "and test examples excludes 0."]
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,8 @@ measured on the backbone without training) and `environment.json`.
 Scores are test-half scores (dev half for early stopping only), mean ± sample std over seeds. An
 "average" is the mean over the grid's tasks, taken per seed first, so its std is over seeds too.
 A difference "a − b" pairs runs of the same seed (same data sample and same initial P); where the
-runs kept their scores on the bootstrap resamples of their test sets (grids run since records
-carry them), it also gets a 95% percentile interval over test examples and seeds.
+runs kept their scores on bootstrap resamples of their test sets, it also gets a 95% interval that
+resamples seeds and test examples, and the test-sample one, which leaves seeds out (confidence.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import transformers
 
 from continual_rpt import __version__
-from grid import constant_control, machine_description, paired_interval, resampled_by_seed, show_difference
+from grid import constant_control, machine_description, paired_interval, resampled_by_seed, show_pair
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRIDS = ("methods", "lr", "init", "design", "fewshot")
@@ -222,15 +222,15 @@ def write_csv(path: Path, rows: list[dict], tasks: list[str]) -> None:
 
 
 def difference_lines(runs: list[dict], pairs: list[tuple[str, tuple[str, str], tuple[str, str]]], tasks: list[str]) -> list[str]:
-    """Markdown bullet lines of paired differences of the task-averaged score, with a 95% bootstrap
-    interval where the runs kept their resampled test scores (grids run since they do)."""
+    """Markdown bullet lines of paired differences of the task-averaged score, with 95% bootstrap intervals
+    (over seeds and test examples; over the test sample) where the runs kept their resampled test scores."""
     lines = []
     for label, (method_a, variant_a), (method_b, variant_b) in pairs:
         mean, std, n = paired_difference(runs, (method_a, variant_a), (method_b, variant_b), tasks)
         text = f"- {label}: {show(mean, std, signed=True)} points ({n} paired seeds)"
         first, second = resampled_by_seed(runs, variant_a, method_a, tasks), resampled_by_seed(runs, variant_b, method_b, tasks)
         if n and len(set(first) & set(second)) == n:  # every pair of seeds has resamples
-            text += f"; 95% interval {show_difference(paired_interval(first, second, tasks, label))}"
+            text += f"; 95% interval over seeds and test examples {show_pair(paired_interval(first, second, tasks, label))}"
         lines.append(text)
     return lines
 

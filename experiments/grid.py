@@ -10,7 +10,12 @@ settings, e.g. `n2: {prompt: {n_tokens: 2}}`, crossed with every method, or with
 theirs). `controls` (e.g. `[head]`) have no prompt to vary: they run once per task and seed, and
 once per variant only for variants that change the data. `pairs` lists comparisons, each two rows
 of the table by their labels (`method` or `method (variant)`): their paired difference of the task
-average gets a 95% bootstrap interval.
+average gets a 95% bootstrap interval over seeds and test examples.
+
+    python experiments/grid.py experiments/first_number.yaml --summarize
+
+rewrites only `summary.{csv,md}` from the stored records (no backbone, no training; the stored
+`environment.json` is kept, since it describes the machine that trained).
 
 Each run's metrics land in `experiments/results/<name>/runs/` (finished runs are skipped when the
 grid is started again), the table in `experiments/results/<name>/summary.{csv,md}`, with the
@@ -20,7 +25,8 @@ a ceiling of every constant, chosen on test) is added per task (records made bef
 majority class, `majority_test_score`, shown under that name). Each
 record keeps its test set's id and its score on 1000 bootstrap resamples of the test examples (the
 same draws for every run of that test set), so the summary gives every score a 95% interval and
-every pair a paired one (continual_rpt/confidence.py).
+every pair a paired one: seeds drawn with replacement and a test resample for them, and beside it
+the test-sample interval, which leaves the seeds out (continual_rpt/confidence.py).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import yaml
 
 from continual_rpt import __version__
 from continual_rpt.atomic import replace_json
-from continual_rpt.confidence import LEVEL, examples_id, interval, pooled, resampled_scores
+from continual_rpt.confidence import LEVEL, ONE_SEED_NOTE, by_seed, examples_id, intervals, resampled_scores
 from continual_rpt.backbones import load_backbone
 from continual_rpt.controls import best_constant, fit_linear_probe
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
@@ -157,7 +163,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         write_record(path, record)
         print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
               f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)
-    write_summary(out, spec, spec_path)
+    write_summary(out, spec, write_environment(out, spec, spec_path))
     return out
 
 
@@ -184,46 +190,49 @@ def resampled_by_seed(runs: list[dict], variant: str, method: str, tasks: list[s
     return {seed: mine for seed, mine in sorted(found.items()) if len(mine) == len(tasks)}
 
 
-def span(estimate: float, resampled: list[float], signed: bool = False) -> str:
-    """'estimate [low, high]' of a percentile interval."""
-    ci = interval(estimate, resampled)
-    sign = "+" if signed else ""
-    return f"{ci.estimate:{sign}.1f} [{ci.low:{sign}.1f}, {ci.high:{sign}.1f}]"
+def span(ci) -> str:
+    """'estimate [low, high]' of an interval."""
+    return f"{ci.estimate:.1f} [{ci.low:.1f}, {ci.high:.1f}]"
 
 
-def scored(seeds: dict[int, dict[str, dict]], tasks: list[str]) -> tuple[float, list[float]]:
-    """Seeds' mean of the task-averaged test score, and the same on each resample (seeds averaged inside it)."""
+def scored(seeds: dict[int, dict[str, dict]], tasks: list[str]):
+    """Seeds' mean of the task-averaged test score, and each seed's task average on each test resample ([seeds, R])."""
     estimate = statistics.mean(statistics.mean(mine[t]["test_score"] for t in tasks) for mine in seeds.values())
-    return estimate, pooled([{t: mine[t]["test_resampled"] for t in tasks} for mine in seeds.values()], tasks)
+    return estimate, by_seed([{t: mine[t]["test_resampled"] for t in tasks} for mine in seeds.values()], tasks)
 
 
 def interval_lines(runs: list[dict], spec: dict, tasks: list[str]) -> list[str]:
     """Markdown: every row's per-task and average scores with 95% intervals, then the grid's paired differences."""
     keys = list(dict.fromkeys((r[1], r[2]) for r in grid_runs(spec)))
     rows = {key: resampled_by_seed(runs, *key, tasks) for key in keys}
-    lines = [f"## {LEVEL:.0%} intervals (percentile bootstrap over test examples; seeds averaged inside each resample)", "",
-             "| row | seeds | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 3) + "|"]
+    lines = [f"## {LEVEL:.0%} intervals (percentile bootstrap over seeds and test examples)", "",
+             "Each draw takes the row's seeds with replacement and one stored test resample for them (the test set is "
+             "shared by the seeds) and averages the drawn seeds; the test-sample interval averages every seed once on each "
+             f"test resample, so it leaves out what another seed would change ({ONE_SEED_NOTE}).", "",
+             "| row | seeds | " + " | ".join(tasks) + " | average | average, test-sample 95% interval |", "|---" * (len(tasks) + 4) + "|"]
     for key, seeds in rows.items():
         if seeds:
-            cells = [span(*scored(seeds, [t])) for t in tasks]
-            lines.append(f"| {row_label(*key)} | {len(seeds)} | " + " | ".join(cells) + f" | {span(*scored(seeds, tasks))} |")
+            cells = [span(intervals(*scored(seeds, [t]))[0]) for t in tasks]
+            both, test_only = intervals(*scored(seeds, tasks))
+            lines.append(f"| {row_label(*key)} | {len(seeds)} | " + " | ".join(cells) + f" | {span(both)} | {span(test_only)} |")
     pairs = check_pairs(spec)
     if pairs:
-        lines += ["", "Paired differences (same seeds: same training sample, same initial prompt; same test resamples); "
-                  "resolved: the interval excludes 0.", ""]
+        lines += ["", "Paired differences (same seeds: same training sample, same initial prompt; same test resamples; "
+                  "the seed draws are the same for both rows); resolved: the interval over seeds and test examples excludes 0.", ""]
     for a, b in pairs:
         label = f"{row_label(*a)} − {row_label(*b)}"
         average = paired_interval(rows[a], rows[b], tasks, label)
         if average is None:
             lines.append(f"- {label}: no seed finished both")
             continue
-        per_task = "; ".join(f"{t} {show_difference(paired_interval(rows[a], rows[b], [t], label))}" for t in tasks)
-        lines.append(f"- {label}: average {show_difference(average)} ({len(set(rows[a]) & set(rows[b]))} paired seeds); {per_task}")
+        per_task = "; ".join(f"{t} {show_difference(paired_interval(rows[a], rows[b], [t], label)[0])}" for t in tasks)
+        lines.append(f"- {label}: average {show_pair(average)} ({len(set(rows[a]) & set(rows[b]))} paired seeds); {per_task}")
     return lines
 
 
 def paired_interval(first: dict[int, dict[str, dict]], second: dict[int, dict[str, dict]], tasks: list[str], label: str):
-    """The interval of average(first) − average(second) over `tasks`, seeds paired, by resample; None without common seeds."""
+    """(seeds-and-test, test-sample) intervals of average(first) − average(second) over `tasks`, paired by seed and
+    test resample; None without common seeds."""
     common = sorted(set(first) & set(second))
     if not common:
         return None
@@ -232,12 +241,18 @@ def paired_interval(first: dict[int, dict[str, dict]], second: dict[int, dict[st
             if first[s][t]["test_set"] != second[s][t]["test_set"]:
                 raise SystemExit(f"{t}, seed {s}: {label} were scored on different test examples; they cannot be paired")
     (x, xs), (y, ys) = scored({s: first[s] for s in common}, tasks), scored({s: second[s] for s in common}, tasks)
-    return interval(x - y, [p - q for p, q in zip(xs, ys)])
+    return intervals(x - y, xs - ys)
 
 
 def show_difference(ci) -> str:
     """'+d [low, high]', and 'resolved' where the interval excludes 0."""
     return f"{ci.estimate:+.1f} [{ci.low:+.1f}, {ci.high:+.1f}]" + (" resolved" if ci.excludes_zero else "")
+
+
+def show_pair(pair) -> str:
+    """A paired difference's seeds-and-test interval (deciding 'resolved'), then its test-sample interval."""
+    both, test_only = pair
+    return f"{show_difference(both)}, test-sample 95% interval [{test_only.low:+.1f}, {test_only.high:+.1f}]"
 
 
 def machine_description() -> str:
@@ -247,6 +262,33 @@ def machine_description() -> str:
               if line.startswith("model name")] if cpuinfo.exists() else []
     model = models[0] if models else platform.processor() or "unknown CPU"
     return f"{platform.machine()}, {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def resummarize(spec: dict, results: Path = RESULTS) -> Path:
+    """Rewrite a finished grid's summary.{csv,md} from its records, keeping the environment.json of the machine that trained."""
+    out = results / spec["name"]
+    env_path = out / "environment.json"
+    if not env_path.is_file():
+        raise SystemExit(f"{env_path}: missing; --summarize rewrites the summary of a grid that has run")
+    check_pairs(spec)
+    write_summary(out, spec, json.loads(env_path.read_text()))
+    return out
+
+
+def write_environment(out: Path, spec: dict, spec_path: Path) -> dict:
+    """Write and return environment.json: the command, machine, versions, seeds and date of the run."""
+    try:
+        shown = spec_path.relative_to(Path.cwd())
+    except ValueError:
+        shown = spec_path
+    env = {
+        "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/grid.py {shown}",
+        "machine": machine_description(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "continual_rpt": __version__, "seeds": spec["seeds"], "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
+    return env
 
 
 def constant_fields(data) -> dict:
@@ -262,8 +304,8 @@ def constant_control(runs: list[dict]) -> tuple[str, str]:
     return "majority class", "majority_test_score"
 
 
-def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
-    """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the constant-answer row."""
+def write_summary(out: Path, spec: dict, env: dict) -> None:
+    """Per task and (variant, method): test (and dev) mean ± std over seeds, plus the constant-answer row, and `env`."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     tasks = list(spec["tasks"])
     label, key = constant_control(runs)
@@ -297,23 +339,12 @@ def write_summary(out: Path, spec: dict, spec_path: Path) -> None:
     (out / "summary.csv").write_text("\n".join(csv_lines) + "\n")
     table = ["| method | " + " | ".join(tasks) + " | average | dev average |", "|---" * (len(tasks) + 3) + "|"]
     table += [f"| {name} | " + " | ".join(cells[t] for t in tasks) + f" | {avg} | {dev} |" for name, cells, avg, dev in rows]
-    try:
-        shown = spec_path.relative_to(Path.cwd())
-    except ValueError:
-        shown = spec_path
-    env = {
-        "command": f"OMP_NUM_THREADS={torch.get_num_threads()} python experiments/grid.py {shown}",
-        "machine": machine_description(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "continual_rpt": __version__, "seeds": spec["seeds"], "date": time.strftime("%Y-%m-%d"),
-    }
-    (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
     header = [f"# {spec['name']}", "", spec.get("description", "").strip(), "",
               "Test-half score (task metric mean, percent), mean ± std over seeds that trained; dev half used for early stopping only; "
               "(k diverged): k seeds ended with no finite dev evaluation. Dev average: the mean dev score over tasks, "
               "the one to select a setting by.", ""]
-    intervals = ["", *interval_lines(runs, spec, tasks)]
-    (out / "summary.md").write_text("\n".join(header + table + intervals + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
+    interval_section = ["", *interval_lines(runs, spec, tasks)]
+    (out / "summary.md").write_text("\n".join(header + table + interval_section + ["", "```", json.dumps(env, indent=2, sort_keys=True), "```", ""]))
     print("\n".join(table))
 
 
@@ -323,8 +354,12 @@ def main() -> None:
     parser.add_argument("spec", type=Path, help="YAML grid file")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder that receives <name>/ (default: experiments/results)")
     parser.add_argument("--device", help="torch device, e.g. cuda (default: the grid file's `device`, else cpu)")
+    parser.add_argument("--summarize", action="store_true", help="only rewrite summary.{csv,md} from the stored records (trains nothing)")
     args = parser.parse_args()
     spec = yaml.safe_load(args.spec.read_text())
+    if args.summarize:
+        print(f"rewrote the summary in {resummarize(spec, args.results)}")
+        return
     if args.device:
         spec["device"] = args.device
     run_grid(spec, args.spec.resolve(), args.results)

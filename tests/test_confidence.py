@@ -6,7 +6,7 @@ import pytest
 from test_report import write_run
 from test_stream import write_stream
 
-from continual_rpt.confidence import Interval, interval, pooled, resampled_scores
+from continual_rpt.confidence import Interval, interval, resampled_scores
 from continual_rpt.report import compare
 from continual_rpt.run import run_stream
 from continual_rpt.streams import load_stream
@@ -33,14 +33,14 @@ def test_groups_are_resampled_whole_and_every_run_sees_the_same_draws():
     grouped = examples([0] * 6, group="q")  # three units of two examples each
     scores = resampled_scores(RTE, grouped, [0, 1, 0, 1, 0, 1], resamples=500)
     assert set(scores) == {50.0}  # every unit holds one right and one wrong answer
+    # Two runs right on complementary halves: on every shared draw each picked example is right in exactly one
+    # of them, so their scores sum to 100 resample by resample; another seed draws other examples. Checked to
+    # fail with resampled_scores drawing from the global `random` instead of its seeded generator.
     ex = examples([0] * 10)
-    assert resampled_scores(RTE, ex, [0] * 5 + [1] * 5, 50, seed=3) == resampled_scores(RTE, ex, [0] * 5 + [1] * 5, 50, seed=3)
+    first, second = (resampled_scores(RTE, ex, p, 200, seed=3) for p in ([0] * 5 + [1] * 5, [1] * 5 + [0] * 5))
+    assert [a + b for a, b in zip(first, second)] == pytest.approx([100.0] * 200)
+    assert len(set(first)) > 3 and first != resampled_scores(RTE, ex, [0] * 5 + [1] * 5, 200, seed=4)
     assert not Interval(1.0, -0.5, 2.0).excludes_zero and Interval(1.0, 0.5, 2.0).excludes_zero
-
-
-def test_pooled_averages_seeds_then_tasks_per_resample():
-    runs = [{"A": [10.0, 20.0], "B": [30.0, 40.0]}, {"A": [20.0, 20.0], "B": [50.0, 60.0]}]
-    assert pooled(runs, ["A", "B"]) == [(15.0 + 40.0) / 2, (20.0 + 50.0) / 2]
 
 
 def test_a_run_keeps_its_final_resamples_and_intervals(tmp_path, tiny_bert_dir, superglue_dir):
@@ -61,7 +61,7 @@ def test_report_pairs_methods_by_seed_and_resample(tmp_path):
     compare(runs, tmp_path / "report")
     table = (tmp_path / "report" / "differences.csv").read_text()
     md = (tmp_path / "report" / "differences.md").read_text()
-    assert "| pt | 2 | 50.0 [" in md and "-10.0 [-10.0, -10.0] vs rpt (2) | yes |" in md
+    assert "| pt | 2 | 50.0 [" in md and "-10.0 [-10.0, -10.0] vs rpt (2) | [-10.0, -10.0] | yes |" in md
     assert "difference_low" in table.splitlines()[0]
     (runs[0] / "bootstrap.json").write_text(json.dumps({"resamples": 100, "seed": 0, "test_sets": {t: "y" for t in tasks}, "scores": {}}))
     with pytest.raises(ValueError, match="different test examples"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import metrics
-from .base import DataError, Example, Parser, Scorer, Task
+from .base import DataError, Example, Parser, Task
 from .data import TaskData, decode_json_line, halve, read_lines, sample
 
 METRICS = {"accuracy": ("accuracy",), "macro_f1": ("macro_f1",), "accuracy+macro_f1": ("accuracy", "macro_f1")}
@@ -174,23 +174,16 @@ def _row_parser(cfg: CustomTaskConfig) -> Parser:
     return parse
 
 
-def _scorer(n_classes: int) -> Scorer:
-    def score(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
-        golds = [example.label for example in examples]
-        return {
-            "accuracy": metrics.accuracy(predictions, golds),
-            "macro_f1": metrics.macro_f1(predictions, golds, n_classes),
-        }
-
-    return score
+def _score(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
+    golds = [example.label for example in examples]
+    return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds)}
 
 
 def custom_task(cfg: CustomTaskConfig) -> Task:
     """The Task of a custom declaration; hub rows have the file columns, so both parsers are the same."""
     parser = _row_parser(cfg)
-    scorer = _scorer(len(cfg.label_names))
     metric_names, hub_config = METRICS[cfg.metric], cfg.hub_config or ""
-    return Task(cfg.name, "classification", cfg.label_names, metric_names, hub_config, parser, parser, scorer,
+    return Task(cfg.name, "classification", cfg.label_names, metric_names, hub_config, parser, parser, _score,
                 _columns(cfg.text) + _columns(cfg.text_pair))
 
 

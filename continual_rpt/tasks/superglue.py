@@ -296,7 +296,7 @@ def _score_accuracy(examples: Sequence[Example], predictions: Sequence[int]) -> 
 
 def _score_cb(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
     golds = _golds(examples)
-    return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds, 3)}
+    return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds)}
 
 
 def _score_multirc(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
