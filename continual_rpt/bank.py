@@ -40,7 +40,7 @@ from torch import Tensor
 
 from continual_rpt.atomic import fsync_dir, is_temp_name, lock_name, remove_dead_temps, replace_json, temp_path, write_json
 from continual_rpt.faults import kill_point
-from continual_rpt.locks import LOCK_FILE, Lock, locked, pid_alive
+from continual_rpt.locks import LOCK_FILE, FolderBusy, Lock, locked, pid_alive
 
 PROMPT_FILE, HEAD_FILE, ROUTE_FILE = "prompt.safetensors", "head.safetensors", "route.safetensors"
 META_FILE, CONFIG_FILE, METRICS_FILE = "entry.json", "config.json", "metrics.json"
@@ -90,11 +90,15 @@ class Entry:
             raise BankError(f"{folder.name}: refusing to store a prompt with non-finite values")
         if overwrite:
             return self._write(folder)
-        with locked(folder.parent, name=lock_name(folder), remove=True):
-            remove_dead_temps(folder.parent)  # what killed writers left here
-            if os.path.lexists(folder):
-                raise FileExistsError(f"{folder} already exists; choose another folder (nothing was overwritten)")
-            return self._write(folder)
+        try:
+            with locked(folder.parent, name=lock_name(folder), remove=True):
+                remove_dead_temps(folder.parent)  # what killed writers left here
+                if os.path.lexists(folder):
+                    raise FileExistsError(f"{folder} already exists; choose another folder (nothing was overwritten)")
+                return self._write(folder)
+        except FolderBusy as err:
+            raise FolderBusy(f"{folder}: another process ({err.holder}) is writing it now; choose another folder "
+                             "(nothing was overwritten)", err.holder) from None
 
     def _write(self, folder: Path) -> dict[str, str]:
         tmp = temp_path(folder)

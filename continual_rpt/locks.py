@@ -22,7 +22,11 @@ LOCK_FILE = ".lock"
 
 
 class FolderBusy(OSError):
-    """Another live process holds the folder's lock; the message names the folder and that process's pid."""
+    """Another live process holds the folder's lock; the message names the folder and that process's pid (`holder`)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def pid_alive(pid: int) -> bool:
@@ -61,7 +65,7 @@ def _busy(folder: Path, path: Path, fd: int) -> FolderBusy:
     first = _read(fd).partition("\n")[0].strip()
     holder = f"pid {first}" if first.isdigit() and pid_alive(int(first)) else "pid not yet recorded"
     return FolderBusy(f"{folder}: in use by another writer ({holder}, holding {path}); "
-                      "wait for it to finish, or choose another folder")
+                      "wait for it to finish, or choose another folder", holder)
 
 
 @contextmanager

@@ -5,16 +5,18 @@ The crash tests kill at named points of the library (`CRPT_KILL_AT`, continual_r
 """
 
 import json
+import os
 import pickle
 import re
 import shutil
+import signal
 import time
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, temp_of, zygote_fixture
+from crash import RUN_LIVES, SIGKILLED, hidden, snapshot, stopped, temp_of, zygote_fixture
 from test_stream import write_stream
 
 from continual_rpt.bank import CONFIG_FILE, ENTRY_FILES, HEAD_FILE, META_FILE, METRICS_FILE, PROMPT_FILE, ROUTE_FILE, BankError, Entry, PromptBank
@@ -31,8 +33,9 @@ from continual_rpt.tasks import load_task_data
 # adds <prefix>-0, <prefix>-1, … until its kill point SIGKILLs it: milliseconds a life, not an
 # interpreter start. `say` (the zygote's) reports to the test.
 BANK_LIVES = """
-import time, zlib
+import os, time, zlib
 import torch
+from continual_rpt import faults
 from continual_rpt.bank import Entry, PromptBank
 
 def make(name):
@@ -43,13 +46,16 @@ def make(name):
     meta = {"name": name, "task": "CB", "backbone": {"name": "fake", "width": 32, "fingerprint": "0" * 64}}
     return Entry(prompt, head, meta, {"train": {"lr": 0.3, "name": name}}, {"dev_score": 50.0, "name": name}, route)
 
-def life(bank, prefix, count, start_at="0"):
+def life(bank, prefix, count, stop_at="", wait_for=""):
     bank = PromptBank.open(bank, create=True)
     say("opened")
-    while time.time() < float(start_at):  # writers forked together start adding together
+    if stop_at:  # SIGSTOP itself there (faults.STOP_ENV), holding what it holds, until the test sends SIGCONT
+        os.environ[faults.STOP_ENV] = stop_at
+    while wait_for and not os.path.exists(wait_for):  # start adding only once the test says so
         time.sleep(0.001)
     for i in range(int(count)):
         name = f"{prefix}-{i}"
+        say("adding", name)
         bank.add(name, make(name))
         say("done", name)
 """
@@ -140,16 +146,29 @@ def test_bank_survives_sigkilled_writers_and_concurrent_writers(tmp_path, zygote
     assert folders == set(names) | {"last-0"}, f"unlisted entry folders left by killed writers: {folders - set(names)}"
     print(f"{len(names)} entries after {len(BANK_KILLS)} kills")
 
-    # Two writers at the same time, each adding its own names: the lock keeps every entry of both.
+    # Two writers at the same time, each adding its own names, made to overlap for certain: a stops itself in the
+    # middle of its third add, holding the lock, and only then does b start adding. b must wait for a: while a is
+    # stopped the index lists a's first two entries only, and b's first entry is listed after a's third. (Checked
+    # that this fails: with the bank's flock made shared, LOCK_SH, b listed all twelve of its entries while a was
+    # stopped.)
     path2 = tmp_path / "bank2"
+    go = tmp_path / "go"
     seen = []
-    start_at = time.time() + 0.3  # both are forked and open the bank by then
-    zygote.send(None, ("life", [path2, "a", 12, start_at]), ("life", [path2, "b", 12, start_at]))
+    zygote.send(None, ("life", [path2, "a", 12, f"bank.entry:{HEAD_FILE}@3"]), ("life", [path2, "b", 12, "", go]))
+    a = int(zygote.until("child", seen)[1])
+    stopped(a)
+    assert PromptBank.open(path2).tasks() == ["a-0", "a-1"]
+    go.touch()
+    while ["adding", "b-0"] not in seen:
+        zygote.until("adding", seen)
+    time.sleep(1.0)  # b adds an entry in milliseconds when nothing holds it back
+    assert PromptBank.open(path2).tasks() == ["a-0", "a-1"] and ["done", "b-0"] not in seen, "b wrote while a held the lock"
+    os.kill(a, signal.SIGCONT)
     zygote.until("idle", seen)
     assert [w for w in seen if w[0] == "reaped"] and all(w[2] == "0" for w in seen if w[0] == "reaped"), seen
     both = {f"{p}-{i}" for p in "ab" for i in range(12)}
     listed = check_bank(path2, both, [])
-    assert set(listed) == both
+    assert set(listed) == both and listed[:3] == ["a-0", "a-1", "a-2"], listed
     for prefix in "ab":  # each writer's entries keep its order
         mine = [n for n in listed if n.startswith(prefix + "-")]
         assert mine == [f"{prefix}-{i}" for i in range(12)]
