@@ -202,8 +202,11 @@ def cmd_bank(args: argparse.Namespace) -> int:
             print(f"{name:<16}{m['method']:<8}{m['prompt_tokens']:>7}{entry.metrics.get('test_score', float('nan')):>8.1f}  {m['backbone']['name']}")
         return 0
     if args.bank_command == "show":
+        from continual_rpt.strategies.base import shown_meta
+
         entry = bank.get(args.task)
-        print(json.dumps({"entry": entry.meta, "config": entry.config, "metrics": {k: v for k, v in entry.metrics.items() if k != "history"}},
+        meta = shown_meta(entry.meta, bank.path / args.task)
+        print(json.dumps({"entry": meta, "config": entry.config, "metrics": {k: v for k, v in entry.metrics.items() if k != "history"}},
                          indent=2, sort_keys=True))
         return 0
     return predict_file(bank, args)

@@ -54,6 +54,7 @@ from continual_rpt.controls import best_constant, fit_linear_probe
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.streams import load_data, parse_stream
+from continual_rpt.tasks.data import sampled_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -139,6 +140,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
         common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
                   **constant_fields(data), "train_examples": len(data.train), "pooling": getattr(backbone, "pooling", None),
+                  "train_rows": sampled_rows(data.train)["ids"],  # which rows the sample took (uids), to rebuild it
                   "prompt_config": dataclasses.asdict(prompt_cfg), "train_config": dataclasses.asdict(train_cfg)}
         if method == "linear-probe":  # a control with no prompt and no gradient steps
             start = time.perf_counter()

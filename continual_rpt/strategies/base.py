@@ -30,6 +30,7 @@ from continual_rpt.learner import TrainedTask, with_context
 from continual_rpt.routing import routable, route_state
 from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data, spec_from_entry
 from continual_rpt.tasks import DataError, Example, Task, TaskData
+from continual_rpt.tasks.data import sampled_rows
 
 
 class Strategy(Protocol):
@@ -75,6 +76,7 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "dtype": "float32",
         "data_files": data.files,
         "skipped_rows": data.skipped,  # rows dropped because their label names no class, per file
+        "train_rows": sampled_rows(data.train),  # which rows of data_files the (few-shot) sample took, by id
     }
     config = {"backbone": dataclasses.asdict(backbone_cfg), **{s: dataclasses.asdict(getattr(spec, s)) for s in SECTIONS}}
     head = None
@@ -84,6 +86,16 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
     prompt = None if trained.prompt is None else with_context(trained.prompt, context).to(backbone.device)
     route = task_route_state(backbone, spec, data, prompt, head)
     return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history}, route)
+
+
+def shown_meta(meta: dict, folder: Path, first: int = 3) -> dict:
+    """An entry's metadata for a terminal: the sampled training rows as their count, first ids and the file (in `folder`) holding them all."""
+    rows = meta.get("train_rows")
+    if not rows:  # entries made before the rows were recorded
+        return meta
+    ids = rows["ids"]
+    more = f", … {len(ids) - first} more" if len(ids) > first else ""
+    return {**meta, "train_rows": f"{rows['count']} rows: {', '.join(ids[:first])}{more} (every id and sha256: train_rows in {folder / META_FILE})"}
 
 
 def task_route_state(backbone: Backbone, spec: TaskSpec, data: TaskData, prompt: Tensor | None, head) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -195,6 +196,22 @@ def sample(
             raise ValueError(f"max_train must be positive, got {max_train}")
         keep = rng.sample(keep, min(max_train, len(keep)))
     return [train[i] for i in sorted(keep)]
+
+
+def example_sha256(example: Example) -> str:
+    """sha256 of an example as parsed: the compact JSON of all its fields (uid, pairs, source, candidates, label, group, answers)."""
+    text = json.dumps(dataclasses.astuple(example), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sampled_rows(examples: list[Example]) -> dict:
+    """Which training rows a sample took, in file order: each example's uid and sha256.
+
+    A uid names the row by its own id field where the data has one (SuperGLUE's idx: "CB/train/12";
+    MultiRC and ReCoRD add the question and answer), else by its line in its file (custom data:
+    "<task>/<file stem>/<line>"), so a user can pick the rows out of the recorded data files.
+    """
+    return {"count": len(examples), "ids": [ex.uid for ex in examples], "sha256": [example_sha256(ex) for ex in examples]}
 
 
 def load_task_data(
