@@ -49,8 +49,8 @@ NOTES = [
     "or a strategy whose entries are written only at the end).",
     "Controls (scored by every run on the same data): the best constant answer is the highest test score of any one "
     "answer given to every test example (each class or choice position, under the task's metric; chosen on test, so "
-    "a ceiling of every constant, not a method); the linear probe is a logistic regression on the frozen backbone's pooled features, "
-    "C chosen on dev. A method that does not beat the probe has learned nothing the backbone's embeddings did not hold.",
+    "a ceiling of every constant, not a method); the linear probe is a logistic regression on the frozen backbone's "
+    "pooled features, C chosen on dev. A method that does not beat the probe has learned nothing the backbone's embeddings did not hold.",
 ]
 FONT = 12
 

@@ -36,7 +36,8 @@ def _retrain(tiny_bert_dir, superglue_dir, entry, rows, path):
     train = [example for idx, (number, row) in rows for example in task.parse(row, f"{path}:{number}")]
     split = load_task_data("CB", superglue_dir)  # dev and test do not depend on the training sample
     data = TaskData(task, train, split.dev, split.test, split.files)
-    trained = train_task(load_backbone(str(tiny_bert_dir)), data, PromptConfig(**entry.config["prompt"]), TrainConfig(**entry.config["train"]))
+    prompt_cfg, train_cfg = PromptConfig(**entry.config["prompt"]), TrainConfig(**entry.config["train"])
+    trained = train_task(load_backbone(str(tiny_bert_dir)), data, prompt_cfg, train_cfg)
     return trained, train
 
 

@@ -89,13 +89,14 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
 
 
 def shown_meta(meta: dict, folder: Path, first: int = 3) -> dict:
-    """An entry's metadata for a terminal: the sampled training rows as their count, first ids and the file (in `folder`) holding them all."""
+    """An entry's metadata for a terminal: its training rows as their count, first ids and the file in `folder` that holds them."""
     rows = meta.get("train_rows")
     if not rows:  # entries made before the rows were recorded
         return meta
     ids = rows["ids"]
     more = f", … {len(ids) - first} more" if len(ids) > first else ""
-    return {**meta, "train_rows": f"{rows['count']} rows: {', '.join(ids[:first])}{more} (every id and sha256: train_rows in {folder / META_FILE})"}
+    where = f"every id and sha256: train_rows in {folder / META_FILE}"
+    return {**meta, "train_rows": f"{rows['count']} rows: {', '.join(ids[:first])}{more} ({where})"}
 
 
 def task_route_state(backbone: Backbone, spec: TaskSpec, data: TaskData, prompt: Tensor | None, head) -> dict[str, Tensor]:
