@@ -116,9 +116,15 @@ def test_route_answers_with_the_chosen_entry(routed_run, tiny_bert, superglue_di
         mine = [ex for ex, r in zip(rte, routed) if r.task == name]
         assert [r.index for r in routed if r.task == name] == predict_from_bank(bank, name, mine, tiny_bert)
     assert all(0 <= r.routing_score <= 1 for r in routed)
+    # Where the router really decides: CB and RTE rows (premise, hypothesis) are offered to both entries, which
+    # read the same fields. On the tiny model 22 of CB's 28 test rows and 115 (Mahalanobis) / 111 (prototype)
+    # of RTE's 139 go home. Checked to fail with route_features taking the least likely entry (min for max)
+    # and with every row sent to the first entry that reads it.
+    tests = {spec.name: load_data(spec, stream.base_dir).test for spec in (stream.tasks[0], stream.tasks[2])}
+    for router in ("mahalanobis", "prototype"):
+        home = {name: sum(r.task == name for r in route(bank, rows, tiny_bert, router, names=["CB", "RTE"])) for name, rows in tests.items()}
+        assert all(home[name] > 0.75 * len(rows) for name, rows in tests.items()), (router, home)
     copa = load_data(stream.tasks[1], stream.base_dir).test[:5]  # two pairs each: only the choice entry can read them
-    assert {r.task for r in route(bank, copa, tiny_bert)} == {"COPA"}
-    assert {r.task for r in route(bank, copa, tiny_bert, "confidence")} == {"COPA"}
     with pytest.raises(BankError, match="no entry .* can read it"):
         route(bank, copa, tiny_bert, names=["CB", "RTE"])
 
