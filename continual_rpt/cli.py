@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="crpt", description="Continual learning with residual prompt tuning.")
     parser.add_argument("--version", action="version", version=f"continual-rpt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too (before its one-line message)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one task's prompt and write it, collapsed, to --out")
@@ -235,12 +236,16 @@ def import_adapter(args: argparse.Namespace) -> int:
 
 
 def entry_backbone(entry, args: argparse.Namespace):
-    """The backbone an entry was trained on (or --backbone), with the pooling its head reads."""
-    from continual_rpt.backbones import load_backbone
+    """The backbone an entry was trained on (or --backbone), with the pooling its head reads; one the bank alone names is warned of."""
+    from continual_rpt.backbones import EMBEDDED, load_backbone
 
     # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
     pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
-    return load_backbone(args.backbone or entry.meta["backbone"]["name"], pooling, args.device)
+    name = args.backbone or entry.meta["backbone"]["name"]
+    if name not in (EMBEDDED, args.backbone):  # a bank from elsewhere picks which model (hub id or folder) loads
+        print(f"crpt: warning: loading backbone {name!r}, named by the bank's entries (neither the embedded one nor --backbone); "
+              "only its safetensors weights are read. Give --backbone to choose the model yourself", file=sys.stderr)
+    return load_backbone(name, pooling, args.device)
 
 
 def predict_file(bank, args: argparse.Namespace) -> int:
@@ -259,14 +264,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `crpt` console script."""
-    from continual_rpt.learner import TrainingDiverged
+    from continual_rpt import errors
 
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank, "compare": cmd_compare}[args.command](args)
-    except (ValueError, OSError, TrainingDiverged) as err:
-        print(f"crpt: error: {err}", file=sys.stderr)
-        return 2
+    except errors.EXPECTED as err:
+        return errors.report(err, args.debug)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,18 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from continual_rpt.atomic import replace_file, replace_json
+from continual_rpt.atomic import is_temp_name, replace_file, replace_json
 from continual_rpt.bank import PromptBank
 from continual_rpt.controls import control_fields, reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
+from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
 from continual_rpt.strategies import make_strategy, method_label
 from continual_rpt.streams import BaselineConfig, Stream, load_data
@@ -44,8 +46,8 @@ class RunError(ValueError):
     """A run folder that cannot be started or resumed as asked."""
 
 
-def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
-    """Check `out` against the stream and return the saved state (empty for a new run)."""
+def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
+    """The saved state of the run in `out` to resume (empty for a new run); a folder it cannot use is refused, nothing written."""
     config = stream.resolved()
     stored_path = out / STREAM_FILE
     if stored_path.is_file():
@@ -61,43 +63,66 @@ def _open_run(stream: Stream, out: Path, resume: bool) -> dict:
                            f"(differs in: {', '.join(differing)}); resume with the same stream and options")
         state_path = out / STATE_FILE
         return json.loads(state_path.read_text()) if state_path.is_file() else {"rows": [], "seconds": {}}
-    if out.exists():
-        for leftover in out.glob(f".{STREAM_FILE}.tmp"):  # a run killed while writing its first file
-            leftover.unlink()
-        if any(out.iterdir()):
-            raise RunError(f"{out} exists and is not a run folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    replace_json(stored_path, config)
+    # A run killed before writing stream.json leaves at most its lock file and its temporary name for stream.json.
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE and not is_temp_name(p.name) for p in out.iterdir())):
+        raise RunError(f"{out} exists and is not a run folder; choose another --out")
     return {"rows": [], "seconds": {}}
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt; a line that cannot be written (a full disk) stops the run like any other failed write."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # logging's default prints a traceback and carries on without the line
 
 
 def _logger(out: Path) -> logging.Logger:
     log = logging.getLogger(f"continual_rpt.run.{out.resolve()}")
     log.setLevel(logging.INFO)
     if not log.handlers:
-        handler = logging.FileHandler(out / "log.txt")
+        handler = _LogFile(out / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     return log
 
 
 def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Learn the stream's tasks in order into `out`/bank and return the run's metrics."""
+    """Learn the stream's tasks in order into `out`/bank and return the run's metrics.
+
+    What can refuse the run (the folder, every task's data, the backbone and its device) is checked
+    before the folder is created or anything in it is written; the folder's lock is held throughout,
+    so a second run on it fails at once, naming this one's pid.
+    """
     out = Path(out)
-    state = _open_run(stream, out, resume)
-    log = _logger(out)
-    log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
-    # Every task's data first: a bad file or setting fails now, not hours into the stream.
-    data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
-    for name, d in data.items():
-        for origin, count in d.skipped.items():
-            log.info("%s: skipped %d rows of %s whose label names no class", name, count, origin)
-    backbone = stream.backbone.load()
+    existed = out.is_dir()
+    with ExitStack() as held:
+        if existed:  # perhaps a folder a live run is writing: fail before any work
+            held.enter_context(locked(out, remove=True))
+        _check_run(stream, out, resume)
+        # Every task's data, all splits, and the backbone: a bad file or device fails now, with nothing written.
+        data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+        backbone = stream.backbone.load()
+        if not existed:  # a new folder: made now, then locked and checked again (another run may have made it)
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(locked(out, remove=True))
+        state = _check_run(stream, out, resume)
+        if not (out / STREAM_FILE).is_file():
+            replace_json(out / STREAM_FILE, stream.resolved())
+        return _learn(stream, out, state, data, backbone, progress)
+
+
+def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], backbone, progress: bool) -> dict:
+    """The run proper, in a checked and locked folder: each unfinished task learned, evaluated and recorded."""
     bank = PromptBank.open(out / BANK_DIR, create=True)
     for name in bank.tasks():  # a resumed run must see the data its finished entries were trained on
         if name in data and bank.get(name).meta.get("data_files") != data[name].files:
             raise RunError(f"{out / BANK_DIR / name}: trained on other data files than the stream reads now "
                            f"({', '.join(data[name].files)}); restore them, or start a new run")
+    log = _logger(out)
+    log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
+    for name, d in data.items():
+        for origin, count in d.skipped.items():
+            log.info("%s: skipped %d rows of %s whose label names no class", name, count, origin)
     strategy = make_strategy(stream, backbone, bank, out)
     input_cache: dict = {}  # test inputs' prompt-free features per task and featurization, for routing
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)

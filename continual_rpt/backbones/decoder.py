@@ -42,7 +42,7 @@ class DecoderBackbone(Backbone):
         from transformers import AutoModelForCausalLM
 
         kernel = {} if attention == "auto" else {"attn_implementation": attention}
-        return cls(name, AutoModelForCausalLM.from_pretrained(path, **kernel), tokenizer, device, attention)
+        return cls(name, AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kernel), tokenizer, device, attention)
 
     @property
     def sliding_window(self) -> int | None:

@@ -27,7 +27,7 @@ class EncoderBackbone(Backbone):
         """The bare encoder (no task head) with SDPA attention unless eager is asked for."""
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(path, attn_implementation="eager" if attention == "eager" else "sdpa")
+        model = AutoModel.from_pretrained(path, use_safetensors=True, attn_implementation="eager" if attention == "eager" else "sdpa")
         return cls(name, model, tokenizer, device, attention, pooling)
 
     def use_attention_for(self, bf16: bool) -> None:

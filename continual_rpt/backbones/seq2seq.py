@@ -23,7 +23,7 @@ class Seq2SeqBackbone(Backbone):
         from transformers import AutoModelForSeq2SeqLM
 
         kernel = {} if attention == "auto" else {"attn_implementation": attention}
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kernel)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True, **kernel)
         return cls(name, model, tokenizer, device, attention)
 
     @property

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import metrics
 from .base import DataError, Example, Parser, Task
-from .data import TaskData, decode_json_line, halve, read_lines, sample
+from .data import TaskData, decode_json_line, halve, read_lines, sample, utf8_text
 
 METRICS = {"accuracy": ("accuracy",), "macro_f1": ("macro_f1",), "accuracy+macro_f1": ("accuracy", "macro_f1")}
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -216,10 +216,7 @@ def _table_rows(path: Path, text: str) -> Iterator[Row]:
 
 def _array_rows(path: Path, data: bytes) -> Iterator[Row]:
     """Rows of a file holding one JSON array, located by their index in it."""
-    try:
-        rows = decode_json_line(data.decode("utf-8-sig"), str(path))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    rows = decode_json_line(utf8_text(path, data, strip_bom=True), str(path))
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected one JSON array of rows, got {type(rows).__name__}")
     if not rows:
@@ -240,11 +237,7 @@ def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
     if path.suffix.lower() == ".json":
         files[str(path)] = hashlib.sha256(data).hexdigest()
         return _array_rows(path, data)
-    try:
-        # utf-8-sig: spreadsheet programs often start a csv with a byte-order mark, which would rename the first column.
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    text = utf8_text(path, data, strip_bom=True)
     files[str(path)] = hashlib.sha256(data).hexdigest()
     return _table_rows(path, text)
 

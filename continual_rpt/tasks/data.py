@@ -34,13 +34,22 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)  # rows whose label names no class (unknown_labels: skip)
 
 
-def read_lines(path: Path) -> tuple[str, list[Line]]:
-    """The sha256 of a jsonl file and its non-blank lines."""
-    data = path.read_bytes()
+def utf8_text(path: Path, data: bytes, *, strip_bom: bool = False) -> str:
+    """`data` (the bytes of `path`) as UTF-8 text; invalid UTF-8 is a DataError naming the line and column of the first bad byte."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+        line, line_start = data.count(b"\n", 0, error.start) + 1, data.rfind(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at column {error.start - line_start + 1}: "
+                        f"{error.reason}); save the file as UTF-8") from None
+    # Spreadsheet programs often start a csv with a byte-order mark, which would rename the first column.
+    return text.removeprefix("\ufeff") if strip_bom else text
+
+
+def read_lines(path: Path) -> tuple[str, list[Line]]:
+    """The sha256 of a jsonl file and its non-blank lines."""
+    data = path.read_bytes()
+    text = utf8_text(path, data)
     # Split on "\n" only: JSON strings may legally hold U+2028 and other separators splitlines() honours.
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not lines:
