@@ -1,35 +1,40 @@
 """crpt compare: the table (mean ± std over seeds), its CSV and Markdown, the plots, and refused inputs."""
 
-import json
 import math
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+from continual_rpt.bank import Entry, PromptBank
 from continual_rpt.cli import main
-from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.report import ReportError, compare
+from continual_rpt.run import summarize, write_results
+from continual_rpt.streams import parse_stream
 
 TASKS = ["CB", "COPA", "RTE"]
 
 
-def write_run(folder, method, seed, R, tokens=(10, 10, 10), wall=100.0, tasks=TASKS, stream="tiny"):
-    """A finished run folder whose metrics.json follows `summarize()`, built from the accuracy matrix R."""
+def write_run(folder, method, seed, R, tokens=(10, 10, 10), wall=100.0, tasks=TASKS, stream="tiny", controls=None):
+    """A finished run folder written as `crpt run` writes it: `summarize()` and `write_results()` of a real stream,
+    a bank whose entries hold what a trained task records, and a run state whose accuracy matrix is R.
+
+    `controls`: {task: {"majority": score, "linear_probe": score}}, the run state's control scores.
+    Checked: with summarize's forgetting computed as backward_transfer(R), or its per-task keys renamed, the table tests fail.
+    """
     folder.mkdir(parents=True)
-    per_task = {
-        name: {"score_after_learning": R[i][i], "final_score": R[-1][i], "dev_score": 50.0, "prompt_tokens": tokens[i],
-               "prompt_tokens_in_context": tokens[i], "trainable_parameters": 1000, "stored_parameters": 100,
-               "task_seconds": wall / len(tasks), "train_seconds": wall / len(tasks) / 2}
-        for i, name in enumerate(tasks)
-    }
-    metrics = {
-        "stream": stream, "method": method, "seed": seed, "backbone": "embedded", "tasks": list(tasks),
-        "accuracy_matrix": R, "average_score": average_score(R), "forgetting": forgetting(R),
-        "backward_transfer": backward_transfer(R),
-        "final_scores": {name: R[-1][i] for i, name in enumerate(tasks)}, "per_task": per_task, "wall_seconds": wall,
-    }
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    doc = {"name": stream, "backbone": {"backbone": "embedded"}, "prompt": {"method": method}, "train": {"seed": seed},
+           "tasks": list(tasks)}
+    spec = parse_stream(doc, str(folder / "stream.yaml"), folder)
+    bank = PromptBank.open(folder / "bank", create=True)
+    for i, name in enumerate(tasks):
+        metrics = {"dev_score": 50.0, "prompt_tokens": tokens[i], "prompt_tokens_in_context": tokens[i], "trainable_parameters": 1000,
+                   "stored_parameters": 100, "wall_seconds": wall / len(tasks) / 2, "train_examples_per_second": 10.0}
+        bank.add(name, Entry(torch.zeros(tokens[i], 4), None, {"task": name}, {}, metrics))
+    state = {"rows": [{name: {"score": R[i][j]} for j, name in enumerate(tasks) if R[i][j] is not None} for i in range(len(tasks))],
+             "seconds": {name: wall / len(tasks) for name in tasks}, "controls": controls or {}}
+    write_results(folder, state, summarize(spec, bank, state))
     return folder
 
 
@@ -85,12 +90,14 @@ def test_csv_and_markdown_content(runs, tmp_path):
     assert "| pt | 2 | 42.0 ± 2.8 | 12.5 ± 0.0 | -12.5 ± 0.0 | — | — | 42.0 ± 2.8 |" in md
 
 
-def test_control_rows_come_from_the_runs_once_per_seed(runs, tmp_path):
-    for folder, (majority, probe) in zip(runs, [(30, 60), (30, 60), (32, 66), (32, 66)]):  # rpt-0, pt-0, rpt-1, pt-1
-        metrics = json.loads((folder / "metrics.json").read_text())
-        for i, t in enumerate(TASKS):
-            metrics["per_task"][t].update(majority_score=majority + i, linear_probe_score=probe + i)
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+def test_control_rows_come_from_the_runs_once_per_seed(tmp_path):
+    runs = []
+    for method, seed, R, (majority, probe) in [("rpt", 0, [[70, None, None], [70, 60, None], [70, 60, 17]], (30, 60)),
+                                              ("pt", 0, [[60, None, None], [50, 55, None], [40, 50, 30]], (30, 60)),
+                                              ("rpt", 1, [[72, None, None], [72, 62, None], [72, 62, 19]], (32, 66)),
+                                              ("pt", 1, [[64, None, None], [54, 57, None], [44, 52, 36]], (32, 66))]:
+        controls = {t: {"majority": majority + i, "linear_probe": probe + i} for i, t in enumerate(TASKS)}  # as runs before the best constant stored them
+        runs.append(write_run(tmp_path / f"{method}-{seed}", method, seed, R, controls=controls))
     table = compare(runs, tmp_path / "report").set_index("method")
     assert list(table.index) == ["rpt", "pt", "majority class (control)", "linear probe (control)"]
     probe = table.loc["linear probe (control)"]
