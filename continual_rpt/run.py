@@ -35,7 +35,7 @@ from continual_rpt.evaluation import average_score, backward_transfer, forgettin
 from continual_rpt.faults import kill_point
 from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
-from continual_rpt.strategies import make_strategy, method_label
+from continual_rpt.strategies import make_strategy, method_label, strategy_class
 from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
 
@@ -102,6 +102,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         # Every task's data, all splits, and the backbone: a bad file or device fails now, with nothing written.
         data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
         backbone = stream.backbone.load()
+        strategy_class(stream.strategy)  # imported now: a strategy whose extra is not installed is refused here
         if not existed:  # a new folder: made now, then locked and checked again (another run may have made it)
             out.mkdir(parents=True, exist_ok=True)
             held.enter_context(locked(out, remove=True))
