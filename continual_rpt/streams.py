@@ -49,6 +49,7 @@ from continual_rpt.tasks import (
     load_task_data,
 )
 from continual_rpt.tasks.catalog import CL_LAYOUT, HUB_TASKS, SPLIT_FROM, catalog_task
+from continual_rpt.tasks.data import utf8_text
 
 SECTIONS = ("data", "prompt", "train")
 
@@ -182,7 +183,7 @@ def load_stream(path: str | Path, data_dir: str | None = None, backbone: str | N
     if not path.is_file():
         raise FileNotFoundError(f"{path}: stream file not found")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(utf8_text(path, path.read_bytes()))
     except (yaml.YAMLError, RecursionError) as err:  # absurdly nested documents exhaust the parser's recursion
         raise ValueError(f"{path}: not valid YAML ({type(err).__name__}: {str(err)[:200]})") from None
     return parse_stream(doc, str(path), path.resolve().parent, data_dir, backbone)

@@ -125,6 +125,16 @@ def test_a_refused_resume_leaves_the_folder_byte_for_byte(setup, finished, capsy
     assert snapshot(finished, skip=()) == before
 
 
+def test_invalid_utf8_in_a_stream_file_names_its_line(setup, tmp_path, capsys):
+    # Fails on main: "'utf-8' codec can't decode byte 0xff in position 74", naming neither the file nor the line.
+    stream = tmp_path / "stream.yaml"
+    stream.write_bytes(setup["stream"].read_bytes())
+    bad_utf8(stream, 3)
+    code, err = crpt(capsys, "run", stream, "--out", tmp_path / "run", "--no-progress")
+    one_line_error(code, err, f"{stream}:3: not UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
 def test_debug_prints_the_traceback_before_the_line(setup, tmp_path, capsys):
     # Fails on main: there was no --debug option (argparse exits).
     with Broken(setup, "utf8") as (options, expected):
