@@ -148,10 +148,9 @@ def check_safetensors(name: str, path: str) -> None:
     if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
         return
     pickles = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")))
-    raise ValueError(f"backbone {name!r}: {folder} holds no safetensors weights{f' (only the pickle checkpoint {pickles})' * bool(pickles)}; "
-                     "pickle checkpoints are "
-                     "refused, never unpickled: convert it once where you trust it (model.save_pretrained(folder), which "
-                     "writes model.safetensors)")
+    found = f" (only the pickle checkpoint {pickles})" if pickles else ""
+    raise ValueError(f"backbone {name!r}: {folder} holds no safetensors weights{found}; pickle checkpoints are refused, never "
+                     "unpickled: convert it once where you trust it (model.save_pretrained(folder) writes model.safetensors)")
 
 
 def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cpu", attention: str = "auto") -> Backbone:
