@@ -116,8 +116,8 @@ def _run_states(stream: Stream, run_dir: Path, backbone: Backbone) -> list[dict[
 def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -> dict:
     """A finished run's CL metrics as Avalanche's metrics compute them, in percent like the run's.
 
-    R[i][j] is the test score of task j after learning task i, T the number of tasks; how each
-    figure maps to the run's `metrics.json`:
+    R[i][j] is the test score of task j after learning task i, counted from 0, and T is the last task's
+    index; how each figure maps to the run's `metrics.json`:
     - `accuracy_matrix`: Avalanche's Top1_Acc_Exp of experience j in the evaluation after experience i;
       the run's R where a task's score is accuracy (not CB, MultiRC, ReCoRD): both score the same predictions.
     - `avalanche_matrix`: Avalanche's AccuracyMatrixPluginMetric after the last experience, the same
@@ -154,17 +154,17 @@ def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -
     # Avalanche's template needs an optimizer; with no training epochs it never steps.
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=nn.CrossEntropyLoss(),
                      train_epochs=0, eval_mb_size=EVAL_BATCH, device=backbone.device, evaluator=evaluator, plugins=[_RunState(states)])
-    T = len(stream.tasks)
+    n_tasks = len(stream.tasks)
     R = []
     for i, experience in enumerate(benchmark.train_stream):
         strategy.train(experience, eval_streams=[])
         evaluator.reset_last_metrics()  # so that `last` holds this evaluation's values only
         last = strategy.eval(benchmark.test_stream[: i + 1])
-        R.append([100 * last[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(i + 1)] + [None] * (T - 1 - i))
+        R.append([100 * last[f"Top1_Acc_Exp/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(i + 1)] + [None] * (n_tasks - 1 - i))
     average = Mean()
     for accuracy in R[-1]:
         average.update(accuracy, weight=1)
-    stream_metric = {name: 100 * last[f"{name}/eval_phase/test_stream"] if T > 1 else None for name in ("StreamBWT", "StreamForgetting")}
+    stream_metric = {name: 100 * last[f"{name}/eval_phase/test_stream"] if n_tasks > 1 else None for name in ("StreamBWT", "StreamForgetting")}
     return {
         "accuracy_matrix": R,
         "avalanche_matrix": (100 * last["EvalStream/Acc_Matrix"]).tolist(),
@@ -172,6 +172,6 @@ def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -
         "pooled_accuracy": 100 * next(v for k, v in last.items() if k.startswith("Top1_Acc_Stream/")),
         "backward_transfer": stream_metric["StreamBWT"],
         "forgetting": stream_metric["StreamForgetting"],
-        "experience_forgetting": [100 * last[f"ExperienceForgetting/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(T - 1)],
+        "experience_forgetting": [100 * last[f"ExperienceForgetting/eval_phase/test_stream/Task{j:03d}/Exp{j:03d}"] for j in range(n_tasks - 1)],
         "avalanche": dict(last),
     }
