@@ -55,7 +55,8 @@ def main_table(metrics: dict) -> str:
     constant_names = ("best_constant_score", "majority_score")
     constant = "best constant" if any(t.get("best_constant_score") is not None for t in metrics["per_task"].values()) else "majority"
     lines = [f"| task | {constant} | linear probe | {metrics['method']} | 95% CI |", "|---|---:|---:|---:|---|"]
-    for name, task in metrics["per_task"].items():
+    for name in metrics["tasks"]:  # stream order (metrics.json stores per_task with sorted keys)
+        task = metrics["per_task"][name]
         ci = "—" if task.get("final_test_ci") is None else "{:.1f}–{:.1f}".format(*task["final_test_ci"])
         lines.append(f"| {name} | {number(control_score(task, constant_names))} | "
                      f"{number(control_score(task, ('linear_probe_score',)))} | {task['final_score']:.1f} | {ci} |")

@@ -17,7 +17,7 @@ import main_job  # noqa: E402
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_bert_dir, superglue_dir):
     tmp = tmp_path_factory.mktemp("main_job")
-    stream = load_stream(write_stream(tmp, tiny_bert_dir, superglue_dir, ["CB", "COPA"]))
+    stream = load_stream(write_stream(tmp, tiny_bert_dir, superglue_dir, ["COPA", "CB"]))  # not sorted: the table keeps stream order
     run_stream(stream, tmp / "run", progress=False)
     return tmp / "run"
 
@@ -26,6 +26,7 @@ def test_table_prints_each_tasks_final_score_and_interval_from_the_run(finished_
     metrics = json.loads((finished_run / "metrics.json").read_text())
     main_job.main(["table", str(finished_run)])
     lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:4]] == ["COPA", "CB"]
     for name in ("CB", "COPA"):
         task = metrics["per_task"][name]
         row = next(line for line in lines if line.startswith(f"| {name} |"))
