@@ -228,6 +228,7 @@ def import_adapter(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     data = load_task_data(task.name, args.data_dir, max_train=2000, seed=0) if args.data_dir else None
     name = args.name or task.name
+    warn_named_backbone(base, args.backbone, "the adapter's base_model_name_or_path")
     entry = import_peft(args.adapter, task, name, load_backbone(base, "auto", args.device), data, args.max_length)
     PromptBank.open(args.bank, create=True).add(name, entry)
     print(f"added {name} to {args.bank} ({entry.prompt.shape[0]} virtual tokens, "
@@ -237,15 +238,22 @@ def import_adapter(args: argparse.Namespace) -> int:
 
 def entry_backbone(entry, args: argparse.Namespace):
     """The backbone an entry was trained on (or --backbone), with the pooling its head reads; one the bank alone names is warned of."""
-    from continual_rpt.backbones import EMBEDDED, load_backbone
+    from continual_rpt.backbones import load_backbone
 
     # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
     pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
     name = args.backbone or entry.meta["backbone"]["name"]
-    if name not in (EMBEDDED, args.backbone):  # a bank from elsewhere picks which model (hub id or folder) loads
-        print(f"crpt: warning: loading backbone {name!r}, named by the bank's entries (neither the embedded one nor --backbone); "
-              "only its safetensors weights are read. Give --backbone to choose the model yourself", file=sys.stderr)
+    warn_named_backbone(name, args.backbone, "the bank's entries")
     return load_backbone(name, pooling, args.device)
+
+
+def warn_named_backbone(name: str, given: str | None, source: str) -> None:
+    """Warn (stderr, before loading) when a file from elsewhere, not the user, picks which model loads."""
+    from continual_rpt.backbones import EMBEDDED
+
+    if name not in (EMBEDDED, given):
+        print(f"crpt: warning: loading backbone {name!r}, named by {source} (neither the embedded one nor --backbone); "
+              "only its safetensors weights are read. Give --backbone to choose the model yourself", file=sys.stderr)
 
 
 def predict_file(bank, args: argparse.Namespace) -> int:

@@ -361,7 +361,7 @@ def peft_model(backbone):
     if backbone.family == "encoder":
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(backbone.name), num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(backbone.name), num_labels=2, use_safetensors=True)
         task_type = TaskType.SEQ_CLS
     else:  # the random T5 of section 8 or GPT-2 of section 11: an identical copy of its weights
         model = type(backbone.model)(backbone.model.config)

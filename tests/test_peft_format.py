@@ -88,10 +88,12 @@ def test_entries_peft_would_answer_differently_are_refused(tmp_path, tiny_bert_d
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_an_adapter_imports_into_a_bank_and_answers_as_before(gpt2_bank, tiny_gpt2_dir, tmp_path, superglue_dir):
+def test_an_adapter_imports_into_a_bank_and_answers_as_before(gpt2_bank, tiny_gpt2_dir, tmp_path, superglue_dir, capsys):
     assert main(["bank", "export", str(gpt2_bank), "CB", "--out", str(tmp_path / "adapter")]) == 0
     assert main(["bank", "import", str(tmp_path / "bank"), str(tmp_path / "adapter"), "--task", "CB", "--name", "CB-peft",
                  "--data-dir", str(superglue_dir), "--max-length", "96"]) == 0
+    # The adapter, not the user, chose the model: named before loading (no warning on main).
+    assert f"warning: loading backbone {str(tiny_gpt2_dir)!r}, named by the adapter's base_model_name_or_path" in capsys.readouterr().err
     imported, original = PromptBank.open(tmp_path / "bank").get("CB-peft"), PromptBank.open(gpt2_bank).get("CB")
     assert torch.equal(imported.prompt, original.prompt) and imported.route is not None
     assert imported.meta["backbone"]["fingerprint"] == original.meta["backbone"]["fingerprint"]
