@@ -269,6 +269,13 @@ class PromptBank:
     def __contains__(self, name: str) -> bool:
         return name in self.tasks()
 
+    def files(self, name: str) -> dict[str, str]:
+        """The files the index lists for entry `name`, each with its sha256 (what a reader compares to see it change)."""
+        for item in self._index["entries"]:
+            if item["name"] == name:
+                return dict(item["files"])
+        raise BankError(f"{self.path}: no entry for task {name!r}; it has {', '.join(self.tasks()) or 'none'}")
+
     def get(self, name: str) -> Entry:
         """The entry stored for `name`, checked against the index's checksums."""
         for item in self._index["entries"]:
