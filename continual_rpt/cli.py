@@ -106,7 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--max-length", type=int, default=256, help="longest input, prompt included")
     imp.add_argument("--backbone", help="base model to load instead of the adapter's base_model_name_or_path (same weights)")
     imp.add_argument("--device", default="cpu", help="torch device")
+    add_serve_parser(commands)
     return parser
+
+
+def add_serve_parser(commands) -> None:
+    """`crpt serve BANK`'s options (the limits' defaults live in serving.limits, which needs no web stack)."""
+    from continual_rpt.serving.limits import Limits
+
+    serve = commands.add_parser("serve", help="serve a bank over HTTP (FastAPI + uvicorn; needs pip install 'continual-rpt[serve]')")
+    serve.add_argument("bank", type=Path, help="bank folder; entries added to it while serving are answered as they land")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes on the port, each loading the backbone once (default: 1)")
+    serve.add_argument("--router", default="mahalanobis", choices=["mahalanobis", "prototype", "confidence"],
+                       help="how rows without a task are routed (see continual_rpt.routing)")
+    serve.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
+    serve.add_argument("--device", default="cpu", help="torch device")
+    for f in dataclasses.fields(Limits):
+        serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -263,6 +281,21 @@ def predict_file(bank, args: argparse.Namespace) -> int:
     return predict(bank, args, lambda entry: entry_backbone(entry, args))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`crpt serve BANK`: the bank over HTTP until interrupted (continual_rpt.serving.app)."""
+    from continual_rpt.bank import PromptBank
+    from continual_rpt.serving.limits import Limits
+
+    PromptBank.open(args.bank)  # a folder that is not a bank is one line here, not a traceback in every worker
+    try:
+        from continual_rpt.serving.app import serve
+    except ImportError as err:
+        raise ValueError(f"crpt serve needs the serve extra: pip install 'continual-rpt[serve]' ({err})") from err
+    serve(args.bank, args.host, args.port, args.workers, backbone=args.backbone, device=args.device, router=args.router,
+          **{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """`crpt compare RUN... --out DIR` (pandas and matplotlib load only here)."""
     from continual_rpt import report
@@ -276,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank, "compare": cmd_compare}[args.command](args)
+        return {"train": cmd_train, "run": cmd_run, "bank": cmd_bank, "compare": cmd_compare, "serve": cmd_serve}[args.command](args)
     except errors.EXPECTED as err:
         return errors.report(err, args.debug)
 

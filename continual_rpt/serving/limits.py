@@ -1,0 +1,19 @@
+"""The server's limits and batching options, with their defaults: one place for `create_app` and `crpt serve`'s options.
+
+Kept free of the web stack's imports, so that `crpt --help` builds its parser without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How requests are batched and how large a request may be."""
+
+    max_batch: int = field(default=64, metadata={"help": "rows one forward batch collects from concurrent requests, of any tasks"})
+    max_wait_ms: float = field(default=5.0, metadata={"help": "longest a request waits for others to join its batch"})
+    max_rows: int = field(default=256, metadata={"help": "rows one request may hold (more: HTTP 413)"})
+    max_body_bytes: int = field(default=1_000_000, metadata={"help": "bytes one request body may hold (more: HTTP 413)"})
+    watch_interval_s: float = field(default=0.5, metadata={"help": "seconds between looks at bank.json for new entries"})

@@ -1,0 +1,274 @@
+"""`crpt serve`'s HTTP layer: real uvicorn servers on 127.0.0.1 (in a thread, or `crpt serve --workers 2` as a process),
+real HTTP through httpx, over a CB + COPA bank learned once for the module on the tiny BERT.
+
+Every server is started on a free loopback port and stopped at the end of its test; every request loop is bounded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from test_stream import write_stream
+
+from continual_rpt.bank import PromptBank
+from continual_rpt.cli import main
+from continual_rpt.run import run_stream
+from continual_rpt.serving.app import create_app
+from continual_rpt.serving.state import ServedBank
+from continual_rpt.streams import load_stream
+
+TASKS = ["CB", "COPA"]  # different fields (premise/hypothesis; premise/choice1/choice2/question): routing tells them apart
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory, tiny_bert_dir, superglue_dir):
+    """A CB, COPA bank on the tiny BERT."""
+    tmp = tmp_path_factory.mktemp("served")
+    run_stream(load_stream(write_stream(tmp, tiny_bert_dir, superglue_dir, TASKS)), tmp / "run", progress=False)
+    return tmp / "run" / "bank"
+
+
+@pytest.fixture(scope="module")
+def served(bank):
+    """The bank loaded once, shared by the in-thread servers of this module."""
+    return ServedBank(bank)
+
+
+@pytest.fixture(scope="module")
+def rows(superglue_dir):
+    """Six validation rows of each task, labels dropped."""
+    out = {}
+    for name in TASKS:
+        lines = (superglue_dir / name / "val.jsonl").read_text().splitlines()[:6]
+        out[name] = [{k: v for k, v in json.loads(line).items() if k != "label"} for line in lines]
+    return out
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` on uvicorn in a thread, on a free 127.0.0.1 port; its base URL; stopped on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def wait_ready(client: httpx.Client, seconds: float = 30) -> dict:
+    """/health once it answers 200 (polled, bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            answer = client.get("/health")
+            if answer.status_code == 200:
+                return answer.json()
+        time.sleep(0.05)
+    raise AssertionError("the server never became ready")
+
+
+def metric(client: httpx.Client, name: str, **labels) -> float:
+    """The sum of /metrics' samples called `name` with these labels."""
+    total = 0.0
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        total += sum(s.value for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return total
+
+
+def test_predict_answers_as_crpt_bank_predict_and_the_catalogue_endpoints(served, bank, rows, tmp_path):
+    with running(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = wait_ready(client)
+        assert health["ready"] and health["pid"] == os.getpid() and health["tasks"] == 2
+        given = client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"]})
+        assert given.status_code == 200 and given.headers["x-worker-pid"] == str(os.getpid())
+        results = given.json()["results"]
+        assert [r["task"] for r in results] == ["CB"] * 6 and all(r["routing_score"] is None for r in results)
+        assert all(r["prediction"] == r["options"][r["index"]] and len(r["scores"]) == 3 for r in results)
+        mixed = [row for pair in zip(rows["CB"], rows["COPA"]) for row in pair]
+        routed = client.post("/v1/predict", json={"rows": mixed}).json()["results"]
+        # The same rows through `crpt bank predict`, given the task and routed: the same answers.
+        for task, answers in [("CB", results), (None, routed)]:
+            path = tmp_path / f"{task}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in (rows["CB"] if task else mixed)))
+            assert main(["bank", "predict", str(bank), *([task] if task else []), "--input", str(path),
+                         "--output", str(tmp_path / "out.jsonl")]) == 0
+            local = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+            assert [(a["prediction"], a["index"]) for a in answers] == [(a["prediction"], a["index"]) for a in local]
+            if task is None:
+                assert [a["task"] for a in answers] == [a["task"] for a in local] and all(a["routing_score"] is not None for a in answers)
+        catalogue = client.get("/v1/tasks").json()["tasks"]
+        assert [t["name"] for t in catalogue] == TASKS and catalogue[0]["labels"] == ["entailment", "contradiction", "neutral"]
+        assert client.get("/v1/tasks/COPA").json()["fields"] == catalogue[1]["fields"]
+        missing = client.get("/v1/tasks/BoolQ")
+        assert missing.status_code == 404 and "CB, COPA" in missing.json()["detail"]
+        schema = client.get("/openapi.json").json()
+        assert {"/v1/predict", "/v1/tasks", "/v1/tasks/{name}", "/health", "/metrics"} <= set(schema["paths"])
+        assert {"PredictRequest", "PredictResponse", "TaskInfo", "Problem"} <= set(schema["components"]["schemas"])
+        text = client.get("/metrics").text
+        assert 'crpt_predict_requests_total{status="200",task="CB"} 1.0' in text
+        assert metric(client, "crpt_predict_rows_total", status="200") == 18 and metric(client, "crpt_bank_entries") == 2
+        assert metric(client, "crpt_request_latency_seconds_count") == 2 and metric(client, "crpt_queue_wait_seconds_count") == 2
+
+
+def test_health_is_503_until_the_bank_is_loaded(bank):
+    go = threading.Event()
+
+    def load():
+        assert go.wait(30)
+        return ServedBank(bank)
+
+    with running(create_app(load)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["ready"] is False
+        assert client.post("/v1/predict", json={"task": "CB", "rows": [{"premise": "a", "hypothesis": "b"}]}).status_code == 503
+        go.set()
+        assert wait_ready(client)["tasks"] == 2
+
+
+def test_bad_input_is_a_4xx_naming_the_field_row_or_limit_never_a_5xx(served, rows):
+    cb = rows["CB"][0]
+    bad = [  # (body, headers, status, words the message must hold)
+        (b'{"task": "CB", "rows": [', {}, 400, "not valid JSON"),
+        (b"", {}, 400, "empty"),
+        (b"\xff\xfe", {}, 400, ""),
+        (b"[" * 4000, {}, 400, ""),  # nested past json's recursion limit
+        ([], None, 422, "body"),
+        ({"task": "CB", "rows": "premise"}, None, 422, "rows"),
+        ({"task": "CB", "rows": [cb, 7]}, None, 422, "rows[1]"),
+        ({"task": 5, "rows": [cb]}, None, 422, "task"),
+        ({"task": "CB", "rows": [cb], "taks": "x"}, None, 422, "taks"),
+        ({"task": "CB", "rows": []}, None, 422, "rows"),
+        ({"task": "BoolQ", "rows": [cb]}, None, 404, "CB, COPA"),
+        ({"task": "CB", "rows": [cb, {"premise": "only"}]}, None, 422, "row 1, field 'hypothesis'"),
+        ({"task": "CB", "rows": [{"premise": ["a"], "hypothesis": {"b": 1}}]}, None, 422, "row 0"),
+        ({"task": "CB", "rows": [{**cb, "label": "maybe"}]}, None, 422, "row 0"),
+        ({"task": "COPA", "rows": [{**rows["COPA"][0], "question": "why"}]}, None, 422, "row 0"),
+        ({"rows": [{"text": "no entry reads this"}]}, None, 422, "row 0"),
+        ({"task": "CB", "rows": [cb] * 5}, None, 413, "at most 4 rows"),
+        ({"task": "CB", "rows": [{"premise": "x" * 5000, "hypothesis": "y"}]}, None, 413, "at most 4096 bytes"),
+    ]
+    with running(create_app(served, max_rows=4, max_body_bytes=4096)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        for body, headers, status, words in bad:
+            if headers is None:
+                answer = client.post("/v1/predict", json=body)
+            else:
+                answer = client.post("/v1/predict", content=body, headers={"content-type": "application/json", **headers})
+            assert answer.status_code == status and words in answer.json()["detail"], (body if len(body) < 100 else body[:100], answer.text)
+        chunked = client.post("/v1/predict", content=iter([b'{"task": "CB", "rows": [', b" " * 3000, b" " * 3000, b"]}"]))
+        assert chunked.status_code == 413 and "4096" in chunked.json()["detail"]  # no Content-Length: the bytes read count
+        assert client.post("/v1/predict", json={"task": "CB", "rows": [cb]}).status_code == 200  # still serving
+        assert metric(client, "crpt_predict_requests_total") == len(bad) + 2
+        assert metric(client, "crpt_predict_requests_total", status="500") == 0
+        assert metric(client, "crpt_predict_requests_total", task="(invalid)", status="404") == 1  # a client's name is no label
+
+
+def test_concurrent_requests_of_different_tasks_share_one_forward_batch(served, rows):
+    requests = [("CB", rows["CB"][:3]), ("COPA", rows["COPA"][:2]), (None, [rows["CB"][3], rows["COPA"][3]]),
+                ("CB", rows["CB"][4:5]), ("COPA", rows["COPA"][4:6])]
+    with running(create_app(served, max_batch=64, max_wait_ms=1500)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: client.post("/v1/predict", json={"task": r[0], "rows": r[1]}), requests))
+        assert [a.status_code for a in answers] == [200] * len(requests)
+        assert metric(client, "crpt_batch_rows_count") == 1 and metric(client, "crpt_batch_rows_sum") == 10
+        assert metric(client, "crpt_batch_requests_sum") == len(requests)
+        merged = [r["index"] for a in answers for r in a.json()["results"]]
+    with running(create_app(served, max_wait_ms=0)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        alone = [r["index"] for task, batch in requests for r in client.post("/v1/predict", json={"task": task, "rows": batch}).json()["results"]]
+    assert merged == alone  # split back to the right requests, in order
+
+
+def test_a_client_that_disconnects_mid_batch_leaves_the_rest_of_the_batch_answered(served, rows):
+    body = json.dumps({"task": "COPA", "rows": rows["COPA"][:2]}).encode()
+    with running(create_app(served, max_wait_ms=1500)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        port = int(url.rsplit(":", 1)[1])
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            leaver = socket.create_connection(("127.0.0.1", port))
+            leaver.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)  # its request is queued, the batch still collecting
+            others = [pool.submit(client.post, "/v1/predict", json={"task": name, "rows": rows[name][:2]}) for name in TASKS]
+            time.sleep(0.3)
+            leaver.close()
+            answers = [f.result() for f in others]
+        assert [a.status_code for a in answers] == [200, 200] and [len(a.json()["results"]) for a in answers] == [2, 2]
+        assert metric(client, "crpt_batch_requests_count") == 1 and metric(client, "crpt_batch_requests_sum") == 3  # one batch, all three
+        assert metric(client, "crpt_predict_requests_total", status="499", task="COPA") == 1  # the leaver's answer, dropped
+        assert client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"][:1]}).status_code == 200
+
+
+def test_an_entry_added_to_the_bank_is_served_without_restart(bank, rows, tmp_path):
+    growing = PromptBank.open(tmp_path / "bank", create=True)
+    growing.add("CB", PromptBank.open(bank).get("CB"))
+    with running(create_app(ServedBank(tmp_path / "bank"), watch_interval_s=0.05)) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        assert client.post("/v1/predict", json={"task": "COPA", "rows": rows["COPA"][:1]}).status_code == 404
+        growing.add("COPA", PromptBank.open(bank).get("COPA"))
+        deadline = time.monotonic() + 10
+        while client.get("/v1/tasks/COPA").status_code == 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = client.post("/v1/predict", json={"task": "COPA", "rows": rows["COPA"][:1]})
+        assert answer.status_code == 200 and answer.json()["results"][0]["task"] == "COPA"
+        assert metric(client, "crpt_bank_entries") == 2 and metric(client, "crpt_bank_generation") == 2
+
+
+def test_crpt_serve_with_two_workers_answers_from_both(bank, rows):
+    with socket.socket() as probe:  # a free port, handed to the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "continual_rpt", "serve", str(bank), "--port", str(port), "--workers", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        fresh = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+        pids, deadline = set(), time.monotonic() + 60  # a new connection a request: either worker may accept it
+        while len(pids) < 2 and time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(httpx.TransportError):
+                health = fresh.get("/health")
+                if health.status_code == 200:
+                    pids.add(health.json()["pid"])
+            time.sleep(0.02)
+        assert len(pids) == 2 and server.pid not in pids, pids
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: fresh.post("/v1/predict", json={"rows": [rows[TASKS[i % 2]][i % 6]]}), range(40)))
+        assert all(a.status_code == 200 for a in answers) and {int(a.headers["x-worker-pid"]) for a in answers} <= pids
+        assert [a.json()["results"][0]["task"] for a in answers[:2]] == TASKS
+        fresh.close()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            output = server.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output = server.communicate()[0]
+    assert server.returncode == 0, output
+
+
+def test_crpt_serve_refuses_a_folder_that_is_not_a_bank(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "not a prompt bank" in capsys.readouterr().err
