@@ -1,0 +1,195 @@
+"""What a bank server holds (continual_rpt.serving.state): answers equal to `crpt bank predict`'s, request errors,
+and a bank that grows while it serves (new entries, route state added, corrupted files refused)."""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from test_stream import write_stream
+
+from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, Entry, PromptBank
+from continual_rpt.cli import main
+from continual_rpt.evaluation import bank_option_scores
+from continual_rpt.run import run_stream
+from continual_rpt.serving.state import RowError, ServedBank, UnknownTask
+from continual_rpt.streams import load_stream
+from continual_rpt.tasks import read_jsonl
+
+TASKS = ("CB", "RTE", "COPA")  # CB and RTE read the same fields: routing, not the fields, tells their rows apart
+ROWS = 8  # of each task's val.jsonl
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_bert_dir, superglue_dir):
+    """A finished CB, RTE, COPA run on the tiny BERT (fp32, route state stored) and a few val rows of each task."""
+    tmp = tmp_path_factory.mktemp("served")
+    run_stream(load_stream(write_stream(tmp, tiny_bert_dir, superglue_dir, list(TASKS))), tmp / "run", progress=False)
+    rows = {}
+    for name in TASKS:
+        rows[name] = [json.loads(line) for line in (superglue_dir / name / "val.jsonl").read_text().splitlines()[:ROWS]]
+        (tmp / name).mkdir()
+        (tmp / name / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[name]))
+    return tmp / "run" / "bank", rows
+
+
+@pytest.fixture(scope="module")
+def served(run):
+    """The run's bank, served."""
+    return ServedBank(run[0])
+
+
+def predict_cli(tmp_path, bank, rows, *args) -> list[dict]:
+    """`crpt bank predict BANK [args] --input FILE` on `rows`, through the command line's own path."""
+    path, out = tmp_path / "val.jsonl", tmp_path / "out.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["bank", "predict", str(bank), *args, "--input", str(path), "--output", str(out)]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_answers_with_the_task_given_are_crpt_bank_predicts(served, run, tmp_path):
+    # Checked to fail: scoring every entry in bf16 (the entries were trained in fp32) moves scores by > 1e-3.
+    bank, rows = run
+    origin = str(tmp_path / "val.jsonl")  # named as the file is: uids read "RTE/val/3", as the command line prints them
+    answers = served.answer([served.parse(name, rows[name], origin) for name in TASKS])  # one batch, tasks mixed
+    for name, mine in zip(TASKS, answers):
+        cli = predict_cli(tmp_path, bank, rows[name], name)
+        assert [(a.uid, a.prediction, a.index, a.task, a.routing_score) for a in mine] == \
+            [(c["uid"], c["prediction"], c["index"], name, None) for c in cli]
+        examples = read_jsonl(served.snapshot.entries[name].task, tmp_path / "val.jsonl")
+        expected = bank_option_scores(PromptBank.open(bank), examples, [name] * len(examples), served.backbone)
+        assert [a.scores == pytest.approx(s[: len(a.options)].tolist(), abs=1e-5) for a, s in zip(mine, expected)] == [True] * ROWS
+    assert [a.options for a in answers[0][:1]] == [["entailment", "contradiction", "neutral"]]
+    assert answers[2][0].options == [rows["COPA"][0]["choice1"], rows["COPA"][0]["choice2"]]
+
+
+def test_routed_answers_are_crpt_bank_predicts_row_by_row(served, run, tmp_path):
+    # Checked to fail: routing every row among all entries (not only those reading its fields) sends COPA rows elsewhere.
+    bank, rows = run
+    mixed = [row for i in range(ROWS) for row in (rows["CB"][i], rows["COPA"][i], rows["RTE"][i])]
+    cli = predict_cli(tmp_path, bank, mixed)
+    origin = str(tmp_path / "val.jsonl")
+    one, split = served.answer([served.parse(None, mixed, origin)]), served.answer([served.parse(None, mixed[:5], origin),
+                                                                                  served.parse(None, mixed[5:], origin)])
+    assert [len(a) for a in split] == [5, len(mixed) - 5]  # split back per request, in order
+    assert [a.row for a in one[0]] == [c["line"] - 1 for c in cli] == [a.row for a in split[0]] + [a.row + 5 for a in split[1]]
+    for answers in (one[0], split[0] + split[1]):
+        assert [(a.task, a.uid, a.prediction, a.index) for a in answers] == [(c["task"], c["uid"], c["prediction"], c["index"]) for c in cli]
+        assert [a.routing_score for a in answers] == pytest.approx([c["routing_score"] for c in cli], abs=1e-5)
+    assert {a.task for a in one[0]} >= {"CB", "RTE", "COPA"}  # both CB and RTE answer some premise/hypothesis rows
+
+
+def test_an_unknown_task_names_the_known_ones(served):
+    with pytest.raises(UnknownTask, match="no task 'BoolQ'.*serves CB, RTE, COPA"):
+        served.parse("BoolQ", [{"idx": 0, "question": "q", "passage": "p"}])
+    with pytest.raises(UnknownTask, match="serves CB, RTE, COPA"):
+        served.task("nope")
+    assert served.task("RTE")["labels"] == ["entailment", "not_entailment"] and served.task("COPA")["routed"]
+
+
+@pytest.mark.parametrize("task, row, field", [
+    ("RTE", {"idx": 1, "premise": "A cat sat."}, "hypothesis"),  # a field missing
+    ("RTE", {"idx": 1, "premise": "A cat sat.", "hypothesis": 3}, "hypothesis"),  # of the wrong type
+    ("RTE", {"idx": 1, "premise": "A cat sat.", "hypothesis": "It sat.", "label": "maybe"}, "label"),  # a label RTE has not
+    (None, {"idx": 1, "question": "Why?"}, "premise"),  # no entry reads it: the nearest one's first missing field
+    (None, {"idx": 1, "premise": "A cat sat.", "hypothesis": ["It sat."]}, "hypothesis"),  # its readers cannot parse it
+])
+def test_a_row_none_can_read_names_its_index_and_field(served, run, task, row, field):
+    rows = [run[1]["RTE"][0], row]
+    with pytest.raises(RowError, match=f"row 1, field '{field}'") as err:
+        served.parse(task, rows)
+    assert (err.value.row, err.value.field) == (1, field)
+
+
+def copy_bank(source, target, names, routed=True):
+    """A new bank at `target` holding `source`'s entries `names`, added by the bank's writer (without route state: routed=False)."""
+    bank = PromptBank.open(target, create=True)
+    for name in names:
+        entry = Entry.from_pretrained(source / name)
+        bank.add(name, entry if routed else Entry(entry.prompt, entry.head, entry.meta, entry.config, entry.metrics))
+    return bank
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_the_bank_grows_while_it_serves_and_old_answers_stay_bit_identical(run, tmp_path, caplog):
+    # Checked to fail: reloading every entry on refresh breaks the `is` checks; an index read only at start never
+    # answers COPA; a refresh that reloads without verifying serves the flipped head.
+    source, rows = run
+    copy_bank(source, tmp_path / "bank", ["CB", "RTE"])
+    served = ServedBank(tmp_path / "bank")
+    old = [served.parse("CB", rows["CB"]), served.parse("RTE", rows["RTE"]), served.parse(None, rows["RTE"] + rows["CB"])]
+    before = served.answer(old)
+    prompts = {name: served.snapshot.entries[name].answerer.prompt for name in ("CB", "RTE")}
+    assert served.refresh() == [] and served.generation == 1  # bank.json unchanged: nothing re-read
+    with pytest.raises(RowError, match="row 0, field 'hypothesis': no served entry can read"):  # COPA rows: premise, no hypothesis
+        served.parse(None, rows["COPA"])
+
+    during, stop = [], threading.Event()
+
+    def keep_answering():  # a worker thread answering the old tasks while the bank grows (bounded: 100 batches)
+        for _ in range(100):
+            during.append(served.answer(old))
+            if stop.wait(0.05):  # leaves the writer some of the CPU
+                return
+
+    worker = threading.Thread(target=keep_answering)
+    worker.start()
+    add = "import sys; from continual_rpt.bank import Entry, PromptBank; PromptBank.open(sys.argv[1]).add(sys.argv[3], Entry.from_pretrained(sys.argv[2]))"
+    subprocess.run([sys.executable, "-c", add, str(tmp_path / "bank"), str(source / "COPA"), "COPA"], check=True, timeout=120)
+    assert served.refresh() == ["COPA"] and served.generation == 2
+    PromptBank.open(tmp_path / "bank").add("CB2", Entry.from_pretrained(source / "CB"))
+    flip_a_byte(tmp_path / "bank" / "CB2" / HEAD_FILE)  # after the index listed it
+    with caplog.at_level(logging.ERROR, logger="continual_rpt.serving.state"):
+        assert served.refresh() == [] and served.generation == 2
+    stop.set()
+    worker.join(timeout=120)
+    assert f"{tmp_path / 'bank' / 'CB2' / HEAD_FILE}: changed since it was stored (checksum mismatch)" in caplog.text
+    with pytest.raises(UnknownTask, match="CB2' \\(its entry is refused: .*\\(checksum mismatch\\)\\); it serves CB, RTE, COPA"):
+        served.parse("CB2", rows["CB"])
+
+    after = served.answer(old)
+    assert during and all(answers == before for answers in during) and after == before  # every float, bit for bit
+    assert all(served.snapshot.entries[name].answerer.prompt is prompts[name] for name in prompts)  # the same loaded tensors
+    copa = served.answer([served.parse("COPA", rows["COPA"]), served.parse(None, rows["COPA"])])
+    assert [a.task for a in copa[1]] == ["COPA"] * ROWS and [a.index for a in copa[1]] == [a.index for a in copa[0]]
+
+
+def test_route_state_added_to_a_served_entry_makes_it_routed_with_the_same_prompt(run, tmp_path):
+    # Checked to fail: a refresh that skips entries it already serves never routes to RTE.
+    source, rows = run
+    copy_bank(source, tmp_path / "bank", ["CB"])
+    bank = copy_bank(source, tmp_path / "bank", ["RTE"], routed=False)  # as entries made before routing existed
+    served = ServedBank(tmp_path / "bank")
+    assert [t["routed"] for t in served.tasks()] == [True, False]
+    given = served.parse("RTE", rows["RTE"])
+    before, prompt = served.answer([given]), served.snapshot.entries["RTE"].answerer.prompt
+    assert {a.task for a in served.answer([served.parse(None, rows["RTE"])])[0]} == {"CB"}  # RTE is not routed to yet
+
+    bank.add_route("RTE", Entry.from_pretrained(source / "RTE").route)  # what crpt bank index-routes writes
+    assert served.refresh() == ["RTE"] and served.generation == 2
+    assert [t["routed"] for t in served.tasks()] == [True, True]
+    assert served.snapshot.entries["RTE"].answerer.prompt is prompt and served.answer([given]) == before
+    assert "RTE" in {a.task for a in served.answer([served.parse(None, rows["RTE"])])[0]}
+
+
+def test_an_entry_whose_files_fail_their_checksums_is_refused_and_the_rest_serve(run, tmp_path, caplog):
+    # Checked to fail: loading entries with Entry.from_pretrained(folder) (no checksums) serves the flipped prompt.
+    source, rows = run
+    shutil.copytree(source, tmp_path / "bank")
+    flip_a_byte(tmp_path / "bank" / "RTE" / PROMPT_FILE)
+    with caplog.at_level(logging.ERROR, logger="continual_rpt.serving.state"):
+        served = ServedBank(tmp_path / "bank")
+    assert f"{tmp_path / 'bank' / 'RTE' / PROMPT_FILE}: changed since it was stored" in caplog.text
+    assert [t["name"] for t in served.tasks()] == ["CB", "COPA"]
+    with pytest.raises(UnknownTask, match="refused"):
+        served.parse("RTE", rows["RTE"])
+    assert {a.task for a in served.answer([served.parse(None, rows["RTE"])])[0]} == {"CB"}
+    assert (tmp_path / "bank" / "RTE" / ROUTE_FILE).is_file()
