@@ -46,11 +46,16 @@ def input_id(row: dict):
     return next((row[field] for field in ID_FIELDS if field in row), None)
 
 
-def predict_file(bank: PromptBank, args: argparse.Namespace, backbone_for: Callable[[Entry], Backbone]) -> int:
-    """Predict every example of --input with a stored prompt (given by --task, or routed) and write one JSON line each."""
+def chosen_task(args: argparse.Namespace) -> str | None:
+    """The task named positionally or by --task (refused when they differ), or None: each row routed."""
     if args.task and args.task_option and args.task != args.task_option:
         raise ValueError(f"two tasks given ({args.task!r} and --task {args.task_option!r}); give one")
-    args.task = args.task or args.task_option
+    return args.task or args.task_option
+
+
+def predict_file(bank: PromptBank, args: argparse.Namespace, backbone_for: Callable[[Entry], Backbone]) -> int:
+    """Predict every example of --input with a stored prompt (given by --task, or routed) and write one JSON line each."""
+    args.task = chosen_task(args)
     if args.task is None:
         return predict_routed(bank, args, backbone_for)
     entry = bank.get(args.task)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
     pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
     pred.add_argument("--device", default="cpu", help="torch device")
+    pred.add_argument("--server", metavar="URL", help="answer through a running `crpt serve` at URL (its backbone, device and router; "
+                                                      "BANK gives the task definitions only), e.g. http://127.0.0.1:8000")
     export = bank_commands.add_parser("export", help="write an entry as a PEFT prompt-tuning adapter (seq2seq, and decoders without BOS)")
     export.add_argument("bank", type=Path)
     export.add_argument("task")
@@ -276,6 +278,10 @@ def warn_named_backbone(name: str, given: str | None, source: str) -> None:
 
 def predict_file(bank, args: argparse.Namespace) -> int:
     """`crpt bank predict`: each --input row answered by the task's entry, or the entry it is routed to (bank_predict)."""
+    if args.server:
+        from continual_rpt.serving.remote import predict_file_remote
+
+        return predict_file_remote(bank, args)
     from continual_rpt.bank_predict import predict_file as predict
 
     return predict(bank, args, lambda entry: entry_backbone(entry, args))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import DataError, Example, Task
-from .custom import custom_config_from_dict, custom_task, read_custom_examples
-from .data import read_jsonl
+from .custom import _iter_rows, custom_config_from_dict, custom_task, read_custom_examples
+from .data import decode_json_line, read_jsonl, read_lines
 from .superglue import get_task
 
 
@@ -27,3 +27,13 @@ def read_examples(meta: dict, path: str | Path) -> list[Example]:
     if meta.get("custom"):
         return read_custom_examples(custom_config_from_dict(meta["custom"], "entry custom"), path)
     return read_jsonl(task_from_meta(meta, path), path)
+
+
+def read_rows(meta: dict, path: str | Path) -> list[tuple[str, dict]]:
+    """An entry's task rows from a file in the task's own format, unparsed, each with where it starts ("path:line")."""
+    path = Path(path)
+    if meta.get("custom"):
+        return [(f"{path}:{number}", row) for number, row in _iter_rows(path, {})]
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    return [(f"{path}:{number}", decode_json_line(line, f"{path}:{number}")) for number, line in read_lines(path)[1]]
