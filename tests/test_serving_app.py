@@ -2,6 +2,9 @@
 real HTTP through httpx, over a CB + COPA bank learned once for the module on the tiny BERT.
 
 Every server is started on a free loopback port and stopped at the end of its test; every request loop is bounded.
+Each test was checked to fail with the piece it guards broken (a pytest plugin patching it): batches of one request
+each (5 batches, not 1), no body limit (422, not 413), FastAPI's own validation handler (422 for malformed JSON),
+no watcher (404 for the entry added), disconnects unnoticed (no 499); and there was no `crpt serve` before.
 """
 
 from __future__ import annotations

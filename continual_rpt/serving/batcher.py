@@ -55,12 +55,12 @@ class Batcher:
 
     async def collect(self, first: Pending) -> tuple[list[Pending], Pending | None]:
         """The batch opened by `first`, and the request that did not fit in it (None if none)."""
-        loop = asyncio.get_running_loop()
-        batch, rows, deadline = [first], first.rows, loop.time() + self.max_wait
+        # The wait counts from the first request's arrival: a request queued behind a long forward waits no longer.
+        batch, rows, deadline = [first], first.rows, first.queued + self.max_wait
         while rows < self.max_batch:
             if self.queue.empty():
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                    item = await asyncio.wait_for(self.queue.get(), deadline - time.perf_counter())
                 except asyncio.TimeoutError:
                     break
             else:  # what is queued already joins even when the wait is over (max_wait_ms 0 still batches a backlog)
