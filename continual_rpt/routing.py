@@ -190,12 +190,13 @@ def state_views(x: Tensor | list[Tensor], states: list[dict[str, Tensor]]) -> li
     return [view.double() for view in views]
 
 
-def mahalanobis_distances(x: Tensor | list[Tensor], states: list[dict[str, Tensor]]) -> Tensor:
+def mahalanobis_distances(x: Tensor | list[Tensor], states: list[dict[str, Tensor]], precision: Tensor | None = None) -> Tensor:
     """Squared Mahalanobis distance of every input to every state's mean under the shared covariance, [N, T] fp64.
 
-    `x` is the inputs' features [N, D], or one such matrix per state (each under its state's featurization).
+    `x` is the inputs' features [N, D], or one such matrix per state (each under its state's featurization);
+    `precision` is `shared_precision(states)`, where the caller keeps it (a server routing batch after batch).
     """
-    precision = shared_precision(states)
+    precision = shared_precision(states) if precision is None else precision
     columns = []
     for view, s in zip(state_views(x, states), states):
         diff = view - s["mean"].double()
@@ -204,11 +205,11 @@ def mahalanobis_distances(x: Tensor | list[Tensor], states: list[dict[str, Tenso
 
 
 def route_features(x: Tensor | list[Tensor], states: list[dict[str, Tensor]], router: str,
-                   allowed: Tensor | None = None) -> tuple[list[int], list[float]]:
+                   allowed: Tensor | None = None, precision: Tensor | None = None) -> tuple[list[int], list[float]]:
     """Index of the chosen state for every input, and its routing score (posterior, or cosine).
 
     `x` as for `mahalanobis_distances`; `allowed` [N, T] (bool) leaves out the states an example cannot
-    go to (an entry that cannot read it).
+    go to (an entry that cannot read it); `precision` as for `mahalanobis_distances`.
     """
     views = state_views(x, states)
     allowed = torch.ones(views[0].shape[0], len(states), dtype=torch.bool) if allowed is None else allowed
@@ -219,7 +220,7 @@ def route_features(x: Tensor | list[Tensor], states: list[dict[str, Tensor]], ro
         return best.indices.tolist(), best.values.tolist()
     if router != "mahalanobis":
         raise ValueError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
-    distance = mahalanobis_distances(views, states).masked_fill(~allowed, float("inf"))
+    distance = mahalanobis_distances(views, states, precision).masked_fill(~allowed, float("inf"))
     posterior = (-distance / 2).softmax(1)  # equal priors, one shared Gaussian shape
     best = posterior.max(1)
     return best.indices.tolist(), best.values.tolist()

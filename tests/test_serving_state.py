@@ -51,7 +51,7 @@ def predict_cli(tmp_path, bank, rows, *args) -> list[dict]:
 
 
 def test_answers_with_the_task_given_are_crpt_bank_predicts(served, run, tmp_path):
-    # Checked to fail: scoring every entry in bf16 (the entries were trained in fp32) moves scores by > 1e-3.
+    # Checked to fail: scoring every entry in bf16 (they were trained in fp32) puts the scores more than 1e-5 off.
     bank, rows = run
     origin = str(tmp_path / "val.jsonl")  # named as the file is: uids read "RTE/val/3", as the command line prints them
     answers = served.answer([served.parse(name, rows[name], origin) for name in TASKS])  # one batch, tasks mixed
@@ -67,7 +67,7 @@ def test_answers_with_the_task_given_are_crpt_bank_predicts(served, run, tmp_pat
 
 
 def test_routed_answers_are_crpt_bank_predicts_row_by_row(served, run, tmp_path):
-    # Checked to fail: routing every row among all entries (not only those reading its fields) sends COPA rows elsewhere.
+    # Checked to fail: answering each routed row with the first entry that reads it, unrouted, gives RTE rows to CB.
     bank, rows = run
     mixed = [row for i in range(ROWS) for row in (rows["CB"][i], rows["COPA"][i], rows["RTE"][i])]
     cli = predict_cli(tmp_path, bank, mixed)
@@ -82,7 +82,19 @@ def test_routed_answers_are_crpt_bank_predicts_row_by_row(served, run, tmp_path)
     assert {a.task for a in one[0]} >= {"CB", "RTE", "COPA"}  # both CB and RTE answer some premise/hypothesis rows
 
 
+def test_the_confidence_router_answers_as_crpt_bank_predict_does(run, tmp_path):
+    # Checked to fail: keeping the least sure entry's answer instead of the surest one's.
+    bank, rows = run
+    mixed = [row for i in range(ROWS) for row in (rows["CB"][i], rows["COPA"][i], rows["RTE"][i])]
+    cli = predict_cli(tmp_path, bank, mixed, "--router", "confidence")
+    served = ServedBank(bank, router="confidence")
+    answers = served.answer([served.parse("CB", rows["CB"]), served.parse(None, mixed, str(tmp_path / "val.jsonl"))])[1]
+    assert [(a.task, a.uid, a.prediction, a.index) for a in answers] == [(c["task"], c["uid"], c["prediction"], c["index"]) for c in cli]
+    assert [a.routing_score for a in answers] == pytest.approx([c["routing_score"] for c in cli], abs=1e-5)
+
+
 def test_an_unknown_task_names_the_known_ones(served):
+    # Checked to fail: a message that says "it serves other tasks".
     with pytest.raises(UnknownTask, match="no task 'BoolQ'.*serves CB, RTE, COPA"):
         served.parse("BoolQ", [{"idx": 0, "question": "q", "passage": "p"}])
     with pytest.raises(UnknownTask, match="serves CB, RTE, COPA"):
@@ -98,6 +110,7 @@ def test_an_unknown_task_names_the_known_ones(served):
     (None, {"idx": 1, "premise": "A cat sat.", "hypothesis": ["It sat."]}, "hypothesis"),  # its readers cannot parse it
 ])
 def test_a_row_none_can_read_names_its_index_and_field(served, run, task, row, field):
+    # Checked to fail: a RowError without the field the parser's message names (4 cases), or without the nearest entry's (1).
     rows = [run[1]["RTE"][0], row]
     with pytest.raises(RowError, match=f"row 1, field '{field}'") as err:
         served.parse(task, rows)
@@ -120,8 +133,8 @@ def flip_a_byte(path):
 
 
 def test_the_bank_grows_while_it_serves_and_old_answers_stay_bit_identical(run, tmp_path, caplog):
-    # Checked to fail: reloading every entry on refresh breaks the `is` checks; an index read only at start never
-    # answers COPA; a refresh that reloads without verifying serves the flipped head.
+    # Checked to fail: reloading every listed entry on each refresh (refresh names CB and RTE again, the `is` checks);
+    # an index read only at start (COPA is never served).
     source, rows = run
     copy_bank(source, tmp_path / "bank", ["CB", "RTE"])
     served = ServedBank(tmp_path / "bank")
@@ -163,7 +176,7 @@ def test_the_bank_grows_while_it_serves_and_old_answers_stay_bit_identical(run, 
 
 
 def test_route_state_added_to_a_served_entry_makes_it_routed_with_the_same_prompt(run, tmp_path):
-    # Checked to fail: a refresh that skips entries it already serves never routes to RTE.
+    # Checked to fail: a refresh that skips every entry it serves already never reloads RTE with its route state.
     source, rows = run
     copy_bank(source, tmp_path / "bank", ["CB"])
     bank = copy_bank(source, tmp_path / "bank", ["RTE"], routed=False)  # as entries made before routing existed
@@ -181,7 +194,7 @@ def test_route_state_added_to_a_served_entry_makes_it_routed_with_the_same_promp
 
 
 def test_an_entry_whose_files_fail_their_checksums_is_refused_and_the_rest_serve(run, tmp_path, caplog):
-    # Checked to fail: loading entries with Entry.from_pretrained(folder) (no checksums) serves the flipped prompt.
+    # Checked to fail: PromptBank.get reading entries without the index's checksums serves the flipped prompt, logging nothing.
     source, rows = run
     shutil.copytree(source, tmp_path / "bank")
     flip_a_byte(tmp_path / "bank" / "RTE" / PROMPT_FILE)

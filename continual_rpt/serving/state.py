@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -39,7 +39,7 @@ from torch import Tensor
 from continual_rpt.backbones import EMBEDDED, Backbone, load_backbone
 from continual_rpt.bank import INDEX_FILE, ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import Answerer, load_answerer, mixed_option_scores
-from continual_rpt.routing import ROUTERS, Featurization, answerable, confidence, route_features
+from continual_rpt.routing import ROUTERS, Featurization, answerable, confidence, route_features, shared_precision
 from continual_rpt.serving.rows import Item, Parsed, RowError, read_for_routing, read_row
 from continual_rpt.tasks import Example, Task
 
@@ -95,10 +95,17 @@ class Snapshot:
     generation: int
     entries: Mapping[str, Served]
     refused: Mapping[str, tuple[Mapping[str, str], str]]  # name -> (its listing when refused, the reason)
+    _precisions: dict[tuple[str, ...], Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def routable(self) -> list[str]:
         """The entries routed to (those holding usable route state)."""
         return [name for name, served in self.entries.items() if served.featurization is not None]
+
+    def precision(self, readers: tuple[str, ...]) -> Tensor:
+        """The Mahalanobis router's shared precision over these entries' route states, computed once per snapshot."""
+        if readers not in self._precisions:  # two threads may both compute it: the same tensor either way
+            self._precisions[readers] = shared_precision([self.entries[name].route for name in readers])
+        return self._precisions[readers]
 
 
 class ServedBank:
@@ -236,7 +243,8 @@ class ServedBank:
             entries = [snapshot.entries[name] for name in readers]
             views = [features[e.featurization][positions] for e in entries]
             allowed = answerable([e.task.kind for e in entries], [examples[p] for p in positions])
-            indices, scores = route_features(views, [e.route for e in entries], self.router, allowed)
+            precision = snapshot.precision(readers) if self.router == "mahalanobis" else None
+            indices, scores = route_features(views, [e.route for e in entries], self.router, allowed, precision)
             out.update({routed[p]: (readers[t], score) for p, t, score in zip(positions, indices, scores)})
         return out
 
