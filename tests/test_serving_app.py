@@ -188,6 +188,23 @@ def test_bad_input_is_a_4xx_naming_the_field_row_or_limit_never_a_5xx(served, ro
         assert metric(client, "crpt_predict_requests_total", task="(invalid)", status="404") == 1  # a client's name is no label
 
 
+class BrokenOnCOPA(ServedBank):
+    """A served bank with a bug: any batch holding a COPA request fails."""
+
+    def answer(self, batch):
+        if any(parsed.task == "COPA" for parsed in batch):
+            raise RuntimeError("a bug in the forward")
+        return super().answer(batch)
+
+
+def test_a_bug_is_still_a_500_and_the_server_goes_on(bank, rows):
+    with running(create_app(lambda: BrokenOnCOPA(bank))) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        assert client.post("/v1/predict", json={"task": "COPA", "rows": rows["COPA"][:1]}).status_code == 500
+        assert client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"][:1]}).status_code == 200
+        assert metric(client, "crpt_predict_requests_total", task="COPA", status="500") == 1
+
+
 def test_concurrent_requests_of_different_tasks_share_one_forward_batch(served, rows):
     requests = [("CB", rows["CB"][:3]), ("COPA", rows["COPA"][:2]), (None, [rows["CB"][3], rows["COPA"][3]]),
                 ("CB", rows["CB"][4:5]), ("COPA", rows["COPA"][4:6])]
