@@ -20,6 +20,8 @@ from test_stream import write_stream
 
 from continual_rpt.cli import main
 from continual_rpt.serving.client import BankClient, ServerError, ServerUnreachable
+from continual_rpt.tasks import read_examples, task_from_meta
+from continual_rpt.tasks.stored import read_rows
 
 
 def free_port() -> int:
@@ -89,6 +91,18 @@ def val_rows(superglue_dir, task, n):
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.mark.parametrize("text", ["text\nA fine day\n\nrain, again\n", "[{\"text\": \"A fine day\"}, {\"text\": \"rain\"}]",
+                                  "{\"text\": \"A fine day\"}\n\n{\"text\": \"rain\"}\n"], ids=["tsv", "json", "jsonl"])
+def test_the_rows_sent_to_a_server_are_the_rows_a_local_predict_parses(tmp_path, superglue_dir, text):
+    # What --server sends and names uids by. Checked to fail with rows numbered by their index, not their line (uids differ).
+    meta = {"custom": {"name": "Mood", "label_names": ["sad", "glad"], "text": "text", "hub": "unused/dataset"}}
+    path = tmp_path / f"rows.{'tsv' if text.startswith('text') else 'json' if text.startswith('[') else 'jsonl'}"
+    path.write_text(text)
+    for meta, path in ((meta, path), ({"task": "CB"}, superglue_dir / "CB" / "val.jsonl")):
+        task = task_from_meta(meta, "here")
+        assert [ex for where, row in read_rows(meta, path) for ex in task.parse(row, where)] == read_examples(meta, path)
 
 
 def test_predict_through_the_server_writes_what_the_local_predict_writes(served, superglue_dir, tmp_path):
