@@ -177,6 +177,11 @@ class Entry:
             raise BankError(f"{folder / PROMPT_FILE}: has no tensor named 'prompt'")
         return cls(prompt, tensors.get(HEAD_FILE), docs[META_FILE], docs[CONFIG_FILE], docs[METRICS_FILE], tensors.get(ROUTE_FILE))
 
+    @property
+    def pooling(self) -> str:
+        """The pooling its head reads: as recorded, else (entries made before it was) its stream's, whose default then was cls."""
+        return self.meta.get("backbone", {}).get("pooling") or self.config.get("backbone", {}).get("pooling", "cls")
+
     def check_backbone(self, backbone, where: Path | str) -> None:
         """Refuse a backbone other than the one the entry was trained on (other width or other weights)."""
         stored = self.meta.get("backbone")

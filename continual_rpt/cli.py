@@ -260,11 +260,9 @@ def entry_backbone(entry, args: argparse.Namespace):
     """The backbone an entry was trained on (or --backbone), with the pooling its head reads; one the bank alone names is warned of."""
     from continual_rpt.backbones import load_backbone
 
-    # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
-    pooling = entry.meta["backbone"].get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
     name = args.backbone or entry.meta["backbone"]["name"]
     warn_named_backbone(name, args.backbone, "the bank's entries")
-    return load_backbone(name, pooling, args.device)
+    return load_backbone(name, entry.pooling, args.device)
 
 
 def warn_named_backbone(name: str, given: str | None, source: str) -> None:

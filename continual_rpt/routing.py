@@ -89,8 +89,7 @@ class Featurization:
                 raise BankError(f"{where}: route state's pooling code {code} is not one of 0..{len(POOLING_CODES) - 1}")
             return cls(int(route["max_length"]), bool(route["bf16"]), POOLING_CODES[code], int(route["feature_version"]))
         train = entry.config.get("train", {})
-        pooling = entry.meta.get("backbone", {}).get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
-        return cls(int(train.get("max_length", 256)), bool(train.get("bf16", True)), pooling, FEATURE_VERSION)
+        return cls(int(train.get("max_length", 256)), bool(train.get("bf16", True)), entry.pooling, FEATURE_VERSION)
 
     def tensors(self) -> dict[str, Tensor]:
         """The featurization as route-state entries (safetensors hold tensors only)."""

@@ -327,13 +327,11 @@ class ServedBank:
         stored = entry.meta.get("backbone")
         if not isinstance(stored, dict) or not isinstance(stored.get("name"), str):
             raise BankError(f"{self.path}: an entry's field 'backbone' must name the backbone")
-        # Entries made before pooling was recorded in meta used the stream's pooling, whose default then was cls.
-        pooling = stored.get("pooling") or entry.config.get("backbone", {}).get("pooling", "cls")
         name = self._backbone_name or stored["name"]
         if name not in (EMBEDDED, self._backbone_name):
             log.warning("loading backbone %r, named by the bank's entries (neither the embedded one nor the one given); "
                         "only its safetensors weights are read", name)
-        return load_backbone(name, pooling, self.device)
+        return load_backbone(name, entry.pooling, self.device)
 
     def _featurization(self, name: str, entry: Entry) -> Featurization | None:
         """How the entry's route state featurized its inputs; None (logged) where it has none this backbone can repeat."""
