@@ -289,6 +289,9 @@ def test_crpt_serve_with_two_workers_answers_from_both(bank, rows):
     assert server.returncode == 0, output
 
 
-def test_crpt_serve_refuses_a_folder_that_is_not_a_bank(tmp_path, capsys):
-    assert main(["serve", str(tmp_path)]) == 2
-    assert "not a prompt bank" in capsys.readouterr().err
+def test_crpt_serve_refuses_what_it_cannot_serve_before_listening(bank, tmp_path, capsys):
+    # Each is crpt's one-line error and exit 2 (port 0: were one to start serving, it would hold no fixed port).
+    for argv, words in [([str(tmp_path)], "not a prompt bank"), ([str(bank), "--max-rows", "0"], "--max-rows 0: must be positive"),
+                        ([str(bank), "--workers", "0"], "--workers 0"), ([str(bank), "--backbone", str(tmp_path / "none")], "none of its entries")]:
+        assert main(["serve", *argv, "--port", "0"]) == 2
+        assert words in capsys.readouterr().err

@@ -265,13 +265,19 @@ def field_name(loc: tuple | list) -> str:
     return name or "body"
 
 
+def bank_loader(options: dict) -> tuple[Callable[[], ServedBank], dict]:
+    """From `crpt serve`'s options: a function loading the bank it names (ServedBank's options), and the limits (checked)."""
+    options = dict(options)
+    limits = asdict(Limits(**{key: options.pop(key) for key in Limits.__dataclass_fields__ if key in options}))
+    bank = options.pop("bank")
+    return (lambda: ServedBank(bank, batch_size=limits["max_batch"], **options)), limits
+
+
 def app_from_env() -> FastAPI:
     """The app of one uvicorn worker: `crpt serve`'s options from $CRPT_SERVE_OPTIONS, the bank loaded in the background."""
-    options = json.loads(os.environ[OPTIONS_ENV])
     log_to_stderr()
-    limits = {key: options.pop(key) for key in Limits.__dataclass_fields__ if key in options}
-    bank = options.pop("bank")
-    return create_app(lambda: ServedBank(bank, batch_size=limits.get("max_batch", Limits.max_batch), **options), **limits)
+    load, limits = bank_loader(json.loads(os.environ[OPTIONS_ENV]))
+    return create_app(load, **limits)
 
 
 def log_to_stderr() -> None:
@@ -288,5 +294,13 @@ def serve(bank: str, host: str, port: int, workers: int, **options) -> None:
     """Run uvicorn on host:port with `workers` processes, each serving `bank` (options: ServedBank's and Limits')."""
     import uvicorn
 
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be at least 1")
+    log_to_stderr()
+    load, limits = bank_loader({"bank": str(bank), **options})
+    if workers == 1:  # loaded before listening: a bank or backbone that cannot load is crpt's one-line error (exit 2)
+        uvicorn.run(create_app(load(), **limits), host=host, port=port)
+        return
+    # Workers are new processes (spawned): they import the app by name and read the options from the environment.
     os.environ[OPTIONS_ENV] = json.dumps({"bank": str(bank), **options})
     uvicorn.run("continual_rpt.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers)

@@ -5,7 +5,7 @@ Kept free of the web stack's imports, so that `crpt --help` builds its parser wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -17,3 +17,9 @@ class Limits:
     max_rows: int = field(default=256, metadata={"help": "rows one request may hold (more: HTTP 413)"})
     max_body_bytes: int = field(default=1_000_000, metadata={"help": "bytes one request body may hold (more: HTTP 413)"})
     watch_interval_s: float = field(default=0.5, metadata={"help": "seconds between looks at bank.json for new entries"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value < 0 or (value == 0 and f.name != "max_wait_ms"):  # no wait is a choice; no rows or bytes is not
+                raise ValueError(f"--{f.name.replace('_', '-')} {value}: must be {'at least 0' if f.name == 'max_wait_ms' else 'positive'}")
