@@ -137,8 +137,8 @@ class ServedBank:
 
     @property
     def ready(self) -> bool:
-        """Whether the backbone is loaded (false only while the bank holds no usable entry yet)."""
-        return self.backbone is not None
+        """Whether the backbone and an entry are loaded (false only while the bank holds no usable entry yet)."""
+        return bool(self._snapshot.entries)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -300,7 +300,8 @@ class ServedBank:
                 try:
                     entries[name] = self._load(name, files, entries.get(name))
                 except (ValueError, OSError) as err:  # BankError and DataError among them
-                    log.error("%s: entry %r refused, not served (the other entries are): %s", self.path, name, err)
+                    kept = "the files loaded before keep serving it" if name in entries else "not served"
+                    log.error("%s: entry %r refused, %s (the other entries serve as before): %s", self.path, name, kept, err)
                     refused[name] = (files, str(err))
                     continue
                 refused.pop(name, None)
