@@ -134,6 +134,7 @@ def test_client_errors_carry_the_status_and_the_servers_message(served, superglu
     with pytest.raises(ServerError) as bad_row:  # the 4th row is in the 2nd chunk of 2: its index is counted over all rows
         client.predict(rows, task="CB")
     assert bad_row.value.status == 422 and bad_row.value.row == 3 and "hypothesis" in bad_row.value.message
+    assert "row 3 of all" in str(bad_row.value)
     # 300 rows in one request pass the server's default 256-row limit: the 413 is met by sending halves.
     many = BankClient(served.url, max_rows=1000).predict(val_rows(superglue_dir, "CB", 50) * 6, task="CB")
     assert [r["row"] for r in many] == list(range(300)) and [r["scores"] for r in many[:50]] == [r["scores"] for r in many[250:]]

@@ -99,8 +99,9 @@ class BankClient:
             if err.status == 413 and len(rows) > 1:
                 half = len(rows) // 2
                 return self._predict_chunk(rows[:half], task, first) + self._predict_chunk(rows[half:], task, first + half)
-            if err.row is not None:  # the server counts rows within the chunk; the caller, within its list
-                err.row += first
+            if err.row is not None and first:  # the server counts rows within the chunk; the caller, within its list
+                raise ServerError(err.url, err.status, f"{err.message} (in the request of rows {first}-{first + len(rows) - 1}: "
+                                  f"row {first + err.row} of all)", first + err.row) from None
             raise
         if {result["row"] for result in results} != set(range(len(rows))):
             raise ServerError(self.url, 200, f"the answer does not answer every one of the {len(rows)} rows sent")
