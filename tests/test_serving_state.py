@@ -93,6 +93,22 @@ def test_the_confidence_router_answers_as_crpt_bank_predict_does(run, tmp_path):
     assert [a.routing_score for a in answers] == pytest.approx([c["routing_score"] for c in cli], abs=1e-5)
 
 
+def test_each_entry_is_scored_in_the_precision_it_was_trained_in(run, served, tmp_path):
+    # Checked to fail: scoring a batch in fp32 when any of its entries was trained in fp32 (CB16's scores beside RTE's change).
+    source, rows = run
+    bank = copy_bank(source, tmp_path / "bank", ["RTE"])
+    cb = Entry.from_pretrained(source / "CB")
+    bank.add("CB16", Entry(cb.prompt, cb.head, cb.meta, {**cb.config, "train": {**cb.config["train"], "bf16": True}}, cb.metrics, cb.route))
+    mixed = ServedBank(tmp_path / "bank")
+    alone, both = mixed.answer([mixed.parse("CB16", rows["CB"])]), mixed.answer([mixed.parse("CB16", rows["CB"]), mixed.parse("RTE", rows["RTE"])])
+    cli = predict_cli(tmp_path, tmp_path / "bank", rows["CB"], "CB16")  # the rows are in tmp_path / "val.jsonl"
+    examples = read_jsonl(mixed.snapshot.entries["CB16"].task, tmp_path / "val.jsonl")
+    bf16 = bank_option_scores(PromptBank.open(tmp_path / "bank"), examples, ["CB16"] * ROWS, mixed.backbone)  # as bank predict scores it
+    assert [a.index for a in alone[0]] == [c["index"] for c in cli] and [a.scores for a in alone[0]] == [s.tolist() for s in bf16]
+    assert both[0] == alone[0]  # beside an fp32 entry's rows, still in bf16
+    assert both[1] == served.answer([served.parse("RTE", rows["RTE"])])[0]  # RTE (fp32) as in the all-fp32 bank, bit for bit
+
+
 def test_an_unknown_task_names_the_known_ones(served):
     # Checked to fail: a message that says "it serves other tasks".
     with pytest.raises(UnknownTask, match="no task 'BoolQ'.*serves CB, RTE, COPA"):
