@@ -129,8 +129,10 @@ def test_predict_answers_as_crpt_bank_predict_and_the_catalogue_endpoints(served
         schema = client.get("/openapi.json").json()
         assert {"/v1/predict", "/v1/tasks", "/v1/tasks/{name}", "/health", "/metrics"} <= set(schema["paths"])
         assert {"PredictRequest", "PredictResponse", "TaskInfo", "Problem"} <= set(schema["components"]["schemas"])
-        text = client.get("/metrics").text
-        assert 'crpt_predict_requests_total{status="200",task="CB"} 1.0' in text
+        assert metric(client, "crpt_predict_requests_total", task="CB", status="200") == 1
+        assert metric(client, "crpt_predict_requests_total", task="(routed)", status="200") == 1
+        assert metric(client, "crpt_predict_rows_total", task="COPA", status="200") == 6  # routed rows, under their entry
+        assert client.get("/metrics").headers["content-type"].startswith("text/plain; version=")  # the Prometheus text format
         assert metric(client, "crpt_predict_rows_total", status="200") == 18 and metric(client, "crpt_bank_entries") == 2
         assert metric(client, "crpt_request_latency_seconds_count") == 2 and metric(client, "crpt_queue_wait_seconds_count") == 2
 
