@@ -1,0 +1,305 @@
+"""Serving benchmark (issue 27): `crpt serve` on loopback against the in-process mixed-batch path and PEFT.
+
+On a finished run's bank, the raw rows of its tasks' test halves (labels dropped), dealt round-robin
+so no two neighbouring requests share a task, are answered:
+    in-process   `mixed_option_scores` over all rows, batches of 64 (experiments/mixed_batches.py's
+                 method: forward passes only, the ceiling) and with tokenisation timed too; and each
+                 row alone, tokenised and forwarded (the single in-process forward of a row)
+    servers      `crpt serve` in its own process, driven by an httpx.AsyncClient at concurrency
+                 1, 8, 32 with requests of 1 row and of 8 rows of one task: mixed-task batching,
+                 the same server batching each task separately, and one request at a time (max batch 1)
+    load         N requests at concurrency 32, 10% malformed (unknown task, missing fields, broken
+                 JSON, too many rows, rows not a list), a quarter of the good ones routed (task null):
+                 every status counted, every answer compared with `crpt bank predict` on the same rows
+    hot-add      the bank without WSC served from a copy in --work; WSC (then copies of it under new
+                 names) added by the library's writer (PromptBank.add, what `crpt run` calls) while a
+                 client polls for it: seconds from bank.json's new mtime to the first answer
+    peft         a tiny random GPT-2 (tests/conftest.py's) trained on the same five tasks, its entries
+                 exported with `crpt bank export --format peft` and loaded into one PeftModel, answered
+                 per-task batch by batch with `set_adapter` between them (experiments/serving_peft.py)
+Every setting is bounded in requests and seconds; every server is stopped at its end.
+
+    python experiments/serving.py STREAM RUN_FOLDER --out experiments/results/serving [--data-dir DIR]
+
+STREAM and --data-dir as given to `crpt run`. Numbers depend on the machine and on what else runs
+on it: the CPU, its bf16 flags and the load average at every setting are recorded beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grid import machine_description  # noqa: E402
+from routing import finished_run, run_parser  # noqa: E402
+from serving_http import SEED, drive, free_server, hot_add, load_average, load_test, percentile, request_plan, requests_of  # noqa: E402
+from serving_peft import decoder_bank, peft_vs_ours  # noqa: E402
+
+import continual_rpt  # noqa: E402
+from continual_rpt.cli import main as crpt  # noqa: E402
+from continual_rpt.evaluation import load_answerer, mixed_option_scores  # noqa: E402
+
+BATCH, REPEATS = 64, 3
+CONCURRENCY, SIZES = (1, 8, 32), (1, 8)
+ROWS_PER_SETTING = {1: 160, 8: 320}  # rows sent per setting, requests of 1 row and of 8 (sized for a busy 2-core CPU)
+SERVERS = {"mixed": {}, "per-task": {"per_task": True}, "one at a time": {"options": ["--max-batch", "1"]}}
+PEFT_ROWS_PER_TASK, HOT_ADDS, MAX_ROWS = 60, 5, 256  # MAX_ROWS: crpt serve's default --max-rows
+
+
+def cpu_flags() -> dict:
+    """The CPU's model, cores and bf16 instructions (what bf16 autocast runs on)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"machine": machine_description(), "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
+            "cores": os.cpu_count()}
+
+
+def test_rows(data: dict, names: list[str], per_task: int | None = None) -> list[tuple[str, dict]]:
+    """(task, raw row without its label) of every test example, tasks dealt round-robin; rows from the validation file."""
+    by_task = {}
+    for name in names:
+        path = next(p for p in data[name].files if p.endswith("/val.jsonl"))
+        raw = {str(row["idx"]): row for row in map(json.loads, Path(path).read_text().splitlines())}
+        by_task[name] = [{k: v for k, v in raw[ex.uid.rsplit("/", 1)[1]].items() if k != "label"} for ex in data[name].test[:per_task]]
+    longest = max(map(len, by_task.values()))
+    return [(name, by_task[name][i]) for i in range(longest) for name in names if i < len(by_task[name])]
+
+
+def in_process(bank, backbone, data, names: list[str], rows: list[tuple[str, dict]]) -> dict:
+    """The ceiling: the rows the 8-row settings send, in mixed batches (forward passes alone, and with tokenisation),
+    median of REPEATS after a warm-up batch; and each row the 1-row settings send, alone, tokenised and forwarded."""
+    answerers = [load_answerer(bank, name, backbone) for name in names]
+    train = answerers[0].entry.config.get("train", {})
+    max_length, bf16 = train.get("max_length", 256), train.get("bf16", True)
+
+    def featurized(items: list[tuple[int, object]]) -> list:
+        """Each task's rows tokenised together, as one request batch of it would be, back in row order."""
+        out = [None] * len(items)
+        for t, a in enumerate(answerers):
+            mine = [k for k, (owner, _) in enumerate(items) if owner == t]
+            for k, f in [] if not mine else zip(mine, backbone.featurize([items[k][1] for k in mine], max_length - a.prompt.shape[-2])):
+                out[k] = f
+        return out
+
+    def plan_items(size: int) -> list[tuple[int, object]]:
+        return [(names.index(task), data[task].test[i]) for task, indexes in request_plan(rows, size, ROWS_PER_SETTING[size]) for i in indexes]
+
+    items = plan_items(8)
+    owners = [t for t, _ in items]
+    mixed_option_scores(backbone, answerers, owners[:BATCH], featurized(items[:BATCH]), BATCH, bf16)  # warm-up
+    tokenise, forward = [], []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        features = featurized(items)
+        tokenise.append(time.perf_counter() - start)
+        mixed_option_scores(backbone, answerers, owners, features, BATCH, bf16)
+        forward.append(time.perf_counter() - start - tokenise[-1])
+    single = []
+    for item in plan_items(1):
+        start = time.perf_counter()
+        mixed_option_scores(backbone, answerers, [item[0]], featurized([item]), 1, bf16)
+        single.append(time.perf_counter() - start)
+    single.sort()
+    n = len(items)
+    return {"rows": n, "batch": BATCH, "bf16": bf16, "repeats": REPEATS, "forward_rows_per_s": n / statistics.median(forward),
+            "tokenised_rows_per_s": n / statistics.median([f + t for f, t in zip(forward, tokenise)]),
+            "single_row_ms": {"rows": len(single), "p50": 1000 * percentile(single, 50), "p99": 1000 * percentile(single, 99)},
+            "load_average": load_average()}
+
+
+def reference(bank_path: Path, rows: list[tuple[str, dict]], work: Path) -> dict:
+    """`crpt bank predict`'s answers for every row: by task given, (task, row index) -> (prediction, index); routed, row -> (task, prediction, index)."""
+    out: dict = {"given": {}, "routed": []}
+    for task in dict.fromkeys(t for t, _ in rows):
+        mine = [row for t, row in rows if t == task]
+        (work / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mine))
+        if crpt(["bank", "predict", str(bank_path), task, "--input", str(work / "in.jsonl"), "--output", str(work / "out.jsonl")]) != 0:
+            raise SystemExit(f"crpt bank predict {task} failed")
+        answers = [json.loads(line) for line in (work / "out.jsonl").read_text().splitlines()]
+        out["given"].update({(task, k): (a["prediction"], a["index"]) for k, a in enumerate(answers)})
+    (work / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for _, row in rows))
+    if crpt(["bank", "predict", str(bank_path), "--input", str(work / "in.jsonl"), "--output", str(work / "out.jsonl")]) != 0:
+        raise SystemExit("crpt bank predict (routed) failed")
+    out["routed"] = [(a["task"], a["prediction"], a["index"]) for a in map(json.loads, (work / "out.jsonl").read_text().splitlines())]
+    return out
+
+
+def verdict(ok: bool) -> str:
+    """A target's outcome as the tables print it."""
+    return "met" if ok else "**not met**"
+
+
+def targets(result: dict) -> list[str]:
+    """Issue 27's targets, each beside what was measured (the rows of a table)."""
+    settings, inside, lines = result["settings"], result.get("in_process"), []
+    for size in SIZES:
+        mixed, per_task = settings.get(f"mixed|{size}|32"), settings.get(f"per-task|{size}|32")
+        if mixed and inside:
+            ratio = mixed["rows_per_s"] / inside["forward_rows_per_s"]
+            lines.append(f"| concurrency 32, {size}-row requests: server ≥ 0.8× in-process mixed rows/s | "
+                         f"{mixed['rows_per_s']:.1f} / {inside['forward_rows_per_s']:.1f} = {ratio:.2f}× | {verdict(ratio >= 0.8)} |")
+        if mixed and per_task:
+            ratio = mixed["rows_per_s"] / per_task["rows_per_s"]
+            lines.append(f"| concurrency 32, {size}-row requests: mixed ≥ 2× per-task-batching server | "
+                         f"{mixed['rows_per_s']:.1f} / {per_task['rows_per_s']:.1f} = {ratio:.2f}× | {verdict(ratio >= 2)} |")
+    one = settings.get("mixed|1|1")
+    if one and inside:
+        ratio = one["p99_ms"] / inside["single_row_ms"]["p99"]
+        lines.append(f"| concurrency 1: p99 ≤ 1.5× a single in-process forward of the same rows (p99) | "
+                     f"{one['p99_ms']:.1f} / {inside['single_row_ms']['p99']:.1f} ms = {ratio:.2f}× | {verdict(ratio <= 1.5)} |")
+    if "load" in result:
+        load = result["load"]
+        lines.append(f"| {load['requests_asked']:,}-request load, 10% malformed: 0 5xx, 0 answers differing from `crpt bank predict` | "
+                     f"{load['requests']:,} requests run: {load['responses_5xx']} 5xx, {load['answers_differing']} differing | "
+                     f"{verdict(load['responses_5xx'] == 0 and load['answers_differing'] == 0)}"
+                     f"{'' if load['requests'] >= load['requests_asked'] else ' (on fewer requests)'} |")
+    if "hot_add" in result:
+        seconds = result["hot_add"]["seconds_to_first_answer"]
+        worst = max((x for x in seconds if x is not None), default=float("inf"))
+        lines.append(f"| new entry answered ≤ 2 s after it lands | worst of {len(seconds)}: {worst:.2f} s | "
+                     f"{verdict(None not in seconds and worst <= 2)} |")
+    return lines
+
+
+def render(result: dict) -> str:
+    """serving.md: every setting, the targets, the malformed load, hot-add and the PEFT anchor."""
+    cpu, env = result["cpu"], result["environment"]
+    lines = ["# Serving a prompt bank: `crpt serve` on loopback", "",
+             f"Bank: {result['run']}/bank ({', '.join(result['tasks'])}), {result['rows']} test rows (labels dropped), tasks "
+             f"interleaved. Machine: {cpu['machine']}, bf16 instructions: {', '.join(cpu['bf16_flags']) or 'none'}. "
+             f"**A {cpu['cores']}-core CPU shared with other work**: the 1-minute load average was "
+             f"{result['load_average_at_start']:.2f} at the start and is given for every setting; the client, the server and "
+             "whatever else ran share these cores, so these numbers are this machine's under that load, not a serving "
+             "machine's. " + f"{env['date']}; torch {env['torch']}, fastapi {env['fastapi']}, uvicorn {env['uvicorn']}, "
+             f"httpx {env['httpx']}, peft {env['peft']}; {result['seconds']:.0f} s in all.", ""]
+    inside = result.get("in_process")
+    if inside:
+        lines += [f"In process (the ceiling, `mixed_option_scores`, batches of {inside['batch']}, "
+                  f"{'bf16' if inside['bf16'] else 'fp32'}, median of {inside['repeats']}): "
+                  f"**{inside['forward_rows_per_s']:.1f} rows/s** forward passes only (experiments/mixed_batches.py's measure), "
+                  f"{inside['tokenised_rows_per_s']:.1f} rows/s with tokenisation; one row alone, tokenised and forwarded: "
+                  f"p50 {inside['single_row_ms']['p50']:.1f} ms, p99 {inside['single_row_ms']['p99']:.1f} ms "
+                  f"({inside['single_row_ms']['rows']} rows; load average {inside['load_average']:.2f}).", ""]
+    lines += ["| server | rows per request | concurrency | rows/s | p50 ms | p99 ms | requests | statuses | load average |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for key, o in result["settings"].items():
+        mode, size, concurrency = key.split("|")
+        lines.append(f"| {mode} | {size} | {concurrency} | {o['rows_per_s']:.1f} | {o['p50_ms']:.1f} | {o['p99_ms']:.1f} | "
+                     f"{o['requests']}/{o['requests_planned']} | {o['statuses']} | {o['load_average'][0]:.2f} |")
+    lines += ["", "## Targets (issue 27)", "", "| target | measured | |", "|---|---|---|", *targets(result), ""]
+    if "load" in result:
+        load = result["load"]
+        lines += ["## Malformed load", "",
+                  f"{load['requests']:,} single-row requests at concurrency 32 ({load['requests_asked']:,} asked; at the measured "
+                  f"{1000 * load['seconds_per_request_measured']:.1f} ms a request the count was cut to fit {load['seconds_allowed']:.0f} s "
+                  f"on this machine), {load['seconds']:.1f} s: statuses by kind {json.dumps(load['by_kind'])}. "
+                  f"Answers differing from `crpt bank predict` (task given, or routed): {load['answers_differing']}"
+                  f"{': ' + json.dumps(load['differing']) if load['differing'] else ''}.", ""]
+    if "hot_add" in result:
+        hot = result["hot_add"]
+        lines += ["## Hot-add", "", f"{hot['entry']} added {hot['adds']} times (then under new names) to a served copy of the "
+                  "bank by `PromptBank.add`, a client polling every 10 ms: seconds from bank.json's new mtime to the first "
+                  f"answer: {', '.join('none' if x is None else f'{x:.2f}' for x in hot['seconds_to_first_answer'])} "
+                  f"(answers {hot['answers']}).", ""]
+    if "peft" in result:
+        peft = result["peft"]
+        lines += ["## The PEFT anchor", "", f"{peft['model']}, {peft['rows']} rows, batches of {peft['batch']}, {peft['precision']}, "
+                  f"{peft['prompt_tokens']} prompt tokens. PEFT agrees with the bank on {100 * peft['peft_agrees_with_bank']:.1f}% "
+                  f"of the answers (largest score difference {peft['largest_score_difference']:.2g}).", "",
+                  "| path | rows/s |", "|---|---:|", *(f"| {mode} | {r:.1f} |" for mode, r in peft["rows_per_s"].items()),
+                  *(f"| `crpt serve`, concurrency 32, {size}-row requests | {o['rows_per_s']:.1f} |"
+                    for key, o in result["settings"].items() if key.startswith("decoder") for size in [key.split("|")[1]]), ""]
+    return "\n".join(lines + [f"Command: `{env['command']}`", ""])
+
+
+def environment() -> dict:
+    """Versions, threads, date and command of this measurement."""
+    import fastapi
+    import httpx
+    import peft
+    import transformers
+    import uvicorn
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "httpx": httpx.__version__, "peft": peft.__version__,
+            "continual_rpt": continual_rpt.__version__, "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python experiments/serving.py " + " ".join(sys.argv[1:])}
+
+
+def main() -> None:
+    parser = run_parser(__doc__)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "crpt-serving-bench",
+                        help="scratch folder for bank copies, the tiny decoder and server logs (never the run's bank)")
+    parser.add_argument("--load-requests", type=int, default=20000, help="requests of the malformed-input load (scaled down to --load-seconds)")
+    parser.add_argument("--load-seconds", type=float, default=100, help="time the load may take, from the measured time per request")
+    parser.add_argument("--sections", default="inprocess,servers,load,hot,peft", help="comma-separated parts to run")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    metrics, stream, bank, backbone, data = finished_run(args.stream, args.run, args.data_dir)
+    names = bank.tasks()
+    rows = test_rows(data, names)
+    result: dict = {"run": str(args.run), "tasks": names, "rows": len(rows), "cpu": cpu_flags(), "run_seed": metrics["seed"],
+                    "load_seed": SEED, "load_average_at_start": load_average(), "environment": environment(), "settings": {}}
+
+    def report(key: str, outcome: dict) -> None:
+        outcome.pop("replies", None)
+        result["settings"][key] = outcome
+        print(f"{key:24}: {outcome['rows_per_s']:7.1f} rows/s, p50 {outcome['p50_ms']:7.1f} ms, p99 {outcome['p99_ms']:7.1f} ms, "
+              f"{outcome['statuses']}, load {outcome['load_average'][0]:.2f}", flush=True)
+
+    if "inprocess" in sections:
+        result["in_process"] = in_process(bank, backbone, data, names, rows)
+        print(f"in process: {result['in_process']}", flush=True)
+    del backbone  # the servers load their own
+    if "servers" in sections:
+        for mode, options in SERVERS.items():
+            with free_server(bank.path, args.work / "server.log", *options.get("options", []), per_task=options.get("per_task", False)) as url:
+                drive(url, requests_of(rows, 1, 40), 8)  # warm-up
+                for size in SIZES if mode != "one at a time" else (1,):
+                    for concurrency in CONCURRENCY if mode != "one at a time" else (1,):
+                        report(f"{mode}|{size}|{concurrency}", drive(url, requests_of(rows, size, ROWS_PER_SETTING[size]), concurrency))
+    if "load" in sections:
+        expected = reference(bank.path, rows, args.work)
+        with free_server(bank.path, args.work / "load-server.log") as url:
+            probe = drive(url, requests_of(rows, 1, ROWS_PER_SETTING[1]), 32)
+            per_request = probe["seconds"] / max(1, probe["requests"])
+            count = min(args.load_requests, int(args.load_seconds / per_request))
+            result["load"] = {"requests_asked": args.load_requests, "seconds_per_request_measured": per_request,
+                              "seconds_allowed": args.load_seconds, **load_test(url, rows, expected, count, MAX_ROWS)}
+        print(f"load: {result['load']['requests']} requests, 5xx {result['load']['responses_5xx']}, "
+              f"differing {result['load']['answers_differing']}, {result['load']['by_kind']}", flush=True)
+    if "hot" in sections:
+        newcomer_row = next(row for task, row in rows if task == names[-1])
+        result["hot_add"] = hot_add(bank.path, args.work, newcomer_row, names, HOT_ADDS)
+        print(f"hot-add: {result['hot_add']}", flush=True)
+    if "peft" in sections:
+        work = args.work / "decoder"
+        decoder = decoder_bank(work, args.data_dir or stream.tasks[0].data.data_dir, names)
+        result["peft"] = peft_vs_ours(decoder, work, data, names, PEFT_ROWS_PER_TASK, BATCH)
+        print(f"peft: {result['peft']}", flush=True)
+        decoder_rows = test_rows(data, names, PEFT_ROWS_PER_TASK)
+        with free_server(decoder, args.work / "decoder-server.log") as url:
+            drive(url, requests_of(decoder_rows, 1, 40), 8)  # warm-up
+            for size in SIZES:
+                report(f"decoder mixed|{size}|32", drive(url, requests_of(decoder_rows, size, ROWS_PER_SETTING[size]), 32))
+    result["seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "serving.md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
