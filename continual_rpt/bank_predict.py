@@ -95,10 +95,11 @@ def predict_routed(bank: PromptBank, args: argparse.Namespace, backbone_for: Cal
     backbone = backbone_for(bank.get(names[0]))
     out = []
     for readers, items in by_reader.items():
-        examples = [rows[number][1][readers[0]][k] for number, k in items]
-        for (number, k), ex, r in zip(items, examples, route(bank, examples, backbone, args.router, list(readers))):
+        readings = {name: [rows[number][1][name][k] for number, k in items] for name in readers}  # each task's own reading
+        for (number, k), r in zip(items, route(bank, readings[readers[0]], backbone, args.router, list(readers), readings)):
             row, parsed = rows[number]
-            out.append(((number, k), {"line": number, "uid": parsed[r.task][k].uid, "input_id": input_id(row), "task": r.task,
+            ex = parsed[r.task][k]  # the row as the entry routed to reads it
+            out.append(((number, k), {"line": number, "uid": ex.uid, "input_id": input_id(row), "task": r.task,
                                       "routing_score": r.routing_score, "prediction": answer_text(tasks[r.task], ex, r.index),
                                       "index": r.index}))
     write_jsonl([line for _, line in sorted(out, key=lambda item: item[0])], args.output)

@@ -276,11 +276,17 @@ def routable(bank: PromptBank, names: list[str] | None = None) -> tuple[list[str
 
 
 def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router: str = "mahalanobis",
-          names: list[str] | None = None) -> list[Routed]:
+          names: list[str] | None = None, readings: dict[str, list[Example]] | None = None) -> list[Routed]:
     """Route every example to one of the bank's entries (default all of them) and answer it with that entry.
 
     Each entry compares the examples featurized as its route state says (`Featurization.of_entry`).
+    `readings` holds the same inputs as each entry's own task reads them, where tasks read one row
+    differently (a seq2seq or decoder task's source names the task, its candidates are its labels): an
+    entry answers, and is sure of, its own reading; `examples` alone are what is routed.
     """
+    def read_by(t: int, i: int) -> Example:
+        return readings[names[t]][i] if readings else examples[i]
+
     names, skipped = routable(bank, names)
     if not names:
         raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
@@ -293,7 +299,7 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
                         f"({len(examples[unanswerable[0]].pairs)} text pairs; entries: {', '.join(names)})")
     if router == "confidence":  # every entry answers every example it can read: all in one stream of mixed batches
         pairs = allowed.nonzero().tolist()
-        scored = bank_option_scores(bank, [examples[i] for i, _ in pairs], [names[t] for _, t in pairs], backbone)
+        scored = bank_option_scores(bank, [read_by(t, i) for i, t in pairs], [names[t] for _, t in pairs], backbone)
         best: dict[int, tuple[float, int, int]] = {}
         for (i, t), s in zip(pairs, scored):
             sure = confidence(s, float(entries[names[t]].route["temperature"]))
@@ -302,7 +308,8 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
         return [Routed(names[best[i][1]], best[i][0], best[i][2]) for i in range(len(examples))]
     x = entry_features(entries, bank.path, examples, backbone)
     indices, scores = route_features([x[n] for n in names], [entries[n].route for n in names], router, allowed)
-    answers = bank_option_scores(bank, examples, [names[t] for t in indices], backbone)  # tasks mixed in every batch
+    answers = bank_option_scores(bank, [read_by(t, i) for i, t in enumerate(indices)], [names[t] for t in indices],
+                                 backbone)  # tasks mixed in every batch
     return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
 
 

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from crash import hidden, killed, temp_of
 from test_stream import write_stream
 
 from continual_rpt.backbones import load_backbone
-from continual_rpt.bank import ROUTE_FILE, BankError, PromptBank
+from continual_rpt.bank import ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import predict_from_bank
 from continual_rpt.routing import (answerable, confidence, fit_temperature, input_features, readers_of, route, route_features,
@@ -282,3 +283,32 @@ def test_a_run_routes_each_test_row_only_to_entries_whose_parser_reads_its_field
     metrics = run_stream(stream, tmp_path / "run", progress=False)
     assert metrics["routing_accuracy"] == 100.0
     assert metrics["task_free_accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_a_routed_row_is_answered_as_the_entry_it_is_routed_to_reads_it(tmp_path, tiny_t5_dir, shared_data):
+    # A T5 task's source names the task and its candidates are its labels: AG News and Yelp read one `sentence` row
+    # differently. Fails on main (checked): every Yelp-routed row was answered with AG News's reading (its four
+    # candidates under Yelp's prompt: index 0, "very negative", where Yelp's own reading gives "negative").
+    doc = {"name": "t5", "backbone": {"backbone": str(tiny_t5_dir)},
+           "data": {"data_dir": str(shared_data / "cl_benchmark"), "k_per_class": 2, "max_eval": 8},
+           "prompt": {"n_tokens": 3, "bottleneck": 8}, "train": {"epochs": 1, "batch_size": 8, "max_length": 64, "bf16": False},
+           "tasks": ["ag", {"task": "yelp", "data": {"split_from": "train"}}]}
+    (tmp_path / "t5.yaml").write_text(yaml.safe_dump(doc))
+    run_stream(load_stream(tmp_path / "t5.yaml"), tmp_path / "run", progress=False)
+    bank = PromptBank.open(tmp_path / "bank", create=True)
+    for name in ("ag", "yelp"):  # AG News's inputs moved far away: the Mahalanobis router sends every row to Yelp
+        e = Entry.from_pretrained(tmp_path / "run" / "bank" / name)
+        bank.add(name, Entry(e.prompt, e.head, e.meta, e.config, e.metrics, {**e.route, "mean": e.route["mean"] + 100 * (name == "ag")}))
+    rows = json.loads((shared_data / "cl_benchmark" / "SC" / "yelp" / "train.json").read_text())[:6]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"sentence": row["sentence"]}) + "\n" for row in rows))
+
+    def predict(*args):
+        out = tmp_path / f"{'-'.join(args) or 'routed'}.jsonl"
+        assert main(["bank", "predict", str(tmp_path / "bank"), *args, "--input", str(tmp_path / "rows.jsonl"), "--output", str(out)]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    given = {name: predict(name) for name in ("ag", "yelp")}
+    routed = predict()
+    assert [(a["uid"], a["prediction"], a["index"]) for a in routed] == \
+        [(given[a["task"]][i]["uid"], given[a["task"]][i]["prediction"], given[a["task"]][i]["index"]) for i, a in enumerate(routed)]
+    assert {a["task"] for a in routed} == {"yelp"}
