@@ -19,9 +19,11 @@ is refused and logged (the message names the file), and the rest keep serving; i
 when its listing in bank.json changes. A writer lists an entry in bank.json only once its folder is
 complete (`continual_rpt.bank`), so a reader of the index never meets a half-written entry.
 
-Answers are `crpt bank predict`'s: rows are read by the same task parsers (the whole row with a task,
-its input fields alone when routed), routed by the same functions over each entry's stored state, and
-scored with each entry's inputs truncated, and in the precision, it was trained with.
+Answers are `crpt bank predict`'s: rows are read by the same task parsers (`serving.rows`: the whole
+row with a task; routed, its input fields alone, the entry chosen answering its own reading), routed by
+the same functions over each entry's stored state (the Mahalanobis router's shared precision kept per
+snapshot), and scored with each entry's inputs cut to the length, and in the precision (bf16 or fp32),
+it was trained with: a batch holding both precisions is one forward per precision.
 """
 
 from __future__ import annotations
