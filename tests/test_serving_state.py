@@ -222,3 +222,18 @@ def test_an_entry_whose_files_fail_their_checksums_is_refused_and_the_rest_serve
         served.parse("RTE", rows["RTE"])
     assert {a.task for a in served.answer([served.parse(None, rows["RTE"])])[0]} == {"CB"}
     assert (tmp_path / "bank" / "RTE" / ROUTE_FILE).is_file()
+
+
+def test_an_entry_whose_files_have_not_all_arrived_is_served_once_they_have(run, served, tmp_path, caplog):
+    # A bank synced from elsewhere may show bank.json before an entry's folder. Checked to fail: trying an entry
+    # again only when bank.json changes (RTE is never served); logging every try (two lines).
+    source, rows = run
+    shutil.copytree(source, tmp_path / "bank")
+    (tmp_path / "bank" / "RTE").rename(tmp_path / "RTE")
+    with caplog.at_level(logging.ERROR, logger="continual_rpt.serving.state"):
+        synced = ServedBank(tmp_path / "bank")
+        assert synced.refresh() == [] and synced.refresh() == [] and synced.generation == 1
+    assert caplog.text.count("entry 'RTE' refused, not served") == 1 and "RTE/entry.json: not found" in caplog.text
+    (tmp_path / "RTE").rename(tmp_path / "bank" / "RTE")
+    assert synced.refresh() == ["RTE"] and synced.generation == 2
+    assert synced.answer([synced.parse("RTE", rows["RTE"])]) == served.answer([served.parse("RTE", rows["RTE"])])

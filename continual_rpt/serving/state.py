@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -90,13 +91,21 @@ class Served:
         return self.answerer.entry.route if self.featurization else None
 
 
+class Refusal(NamedTuple):
+    """Why an entry is not served: its listing when refused, the reason, and whether files it lists are missing yet."""
+
+    listing: Mapping[str, str]
+    reason: str
+    incomplete: bool  # tried again on every refresh (a bank synced from elsewhere, bank.json first), not only when listed anew
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The entries served at one moment (bank.json order), and those refused with why; never changed once made."""
 
     generation: int
     entries: Mapping[str, Served]
-    refused: Mapping[str, tuple[Mapping[str, str], str]]  # name -> (its listing when refused, the reason)
+    refused: Mapping[str, Refusal]
     _precisions: dict[tuple[str, ...], Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def routable(self) -> list[str]:
@@ -129,7 +138,7 @@ class ServedBank:
         self._model_lock = threading.Lock()  # the backbone's tokenizer and attention kernel are shared state
         self.refresh()
         if self._bank.tasks() and not self._snapshot.entries:
-            reasons = "; ".join(reason for _, reason in self._snapshot.refused.values())
+            reasons = "; ".join(refusal.reason for refusal in self._snapshot.refused.values())
             raise BankError(f"{self.path}: none of its entries can be served ({reasons})")
 
     @property
@@ -169,7 +178,7 @@ class ServedBank:
                 "backbone": backbone.get("name"), "fields": list(task.input_fields), "routed": served.featurization is not None}
 
     def _unknown(self, name: str, snapshot: Snapshot) -> UnknownTask:
-        refused = f" (its entry is refused: {snapshot.refused[name][1]})" if name in snapshot.refused else ""
+        refused = f" (its entry is refused: {snapshot.refused[name].reason})" if name in snapshot.refused else ""
         return UnknownTask(f"{self.path}: no task {name!r}{refused}; it serves {', '.join(snapshot.entries) or 'none yet'}")
 
     # --- requests ------------------------------------------------------------------------------------
@@ -280,36 +289,42 @@ class ServedBank:
     # --- growing -------------------------------------------------------------------------------------
 
     def refresh(self) -> list[str]:
-        """Load what bank.json lists and is not served yet (new entries, route state added to one); the names (re)loaded."""
+        """Load what bank.json lists and is not served yet (new entries, route state added to one); the names (re)loaded.
+
+        bank.json is read again only when it changed (its mtime, size and inode); an entry some of whose files
+        are missing is tried again on every call, until they arrive.
+        """
         with self._refresh_lock:
-            index = self.path / INDEX_FILE
+            index, old = self.path / INDEX_FILE, self._snapshot
             try:
                 stat = os.stat(index)
                 key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-                if key == self._index_stat:
+                if key == self._index_stat and not any(refusal.incomplete for refusal in old.refused.values()):
                     return []
-                self._index_stat = key  # taken before reading: a write in between shows as one more change
-                self._bank.refresh()
+                if key != self._index_stat:
+                    self._index_stat = key  # taken before reading: a write in between shows as one more change
+                    self._bank.refresh()
             except (OSError, BankError) as err:
                 log.error("%s: cannot read the bank index, serving what was loaded: %s", index, err)
                 return []
-            old = self._snapshot
             entries, refused, loaded = dict(old.entries), dict(old.refused), []
             for name in self._bank.tasks():
-                files = self._bank.files(name)
-                if (name in entries and entries[name].listing == files) or (name in refused and refused[name][0] == files):
+                files, before = self._bank.files(name), refused.get(name)
+                if (name in entries and entries[name].listing == files) or (before and before.listing == files and not before.incomplete):
                     continue
                 try:
                     entries[name] = self._load(name, files, entries.get(name))
                 except (ValueError, OSError) as err:  # BankError and DataError among them
-                    kept = "the files loaded before keep serving it" if name in entries else "not served"
-                    log.error("%s: entry %r refused, %s (the other entries serve as before): %s", self.path, name, kept, err)
-                    refused[name] = (files, str(err))
+                    refused[name] = Refusal(files, str(err), not all((self.path / name / file).is_file() for file in files))
+                    if refused[name] != before:  # logged once, not on every try
+                        kept = "the files loaded before keep serving it" if name in entries else "not served"
+                        log.error("%s: entry %r refused, %s (the other entries serve as before): %s", self.path, name, kept, err)
                     continue
                 refused.pop(name, None)
                 loaded.append(name)
                 log.info("%s: serving %r%s", self.path, name, "" if entries[name].featurization else " (not routed to)")
-            self._snapshot = Snapshot(old.generation + bool(loaded), MappingProxyType(entries), MappingProxyType(refused))
+            if loaded or refused != old.refused:  # else the snapshot stays, with the router precisions it keeps
+                self._snapshot = Snapshot(old.generation + bool(loaded), MappingProxyType(entries), MappingProxyType(refused))
             return loaded
 
     def _load(self, name: str, files: dict[str, str], old: Served | None) -> Served:
