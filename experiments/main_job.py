@@ -1,14 +1,14 @@
 """The README's single-run tables, printed from run folders, and the main job's reproducibility record.
 
     python experiments/main_job.py table RUN                  the main-job table (per task: controls, score, 95% CI)
-    python experiments/main_job.py rows RUN [RUN ...]         one row per run: method, each task's final score, average
+    python experiments/main_job.py rows RUN [RUN ...] [--labels L ...]   the first run's controls, then a row per run
     python experiments/main_job.py record RUN [RUN ...] --out experiments/results/main_job
 
 `table` and `rows` read only a run's metrics.json, so they work on a live `crpt run` folder or on a
 recorded copy. `record` copies each run's results (metrics, matrices, resolved stream, log; not the
 bank) into a new folder, with the machine (CPU model, its bf16 flags, cores, torch threads) and
-versions, and writes `reproducibility.md`: whether the runs' scores are bit-identical, and if not,
-how far each task's final score moved.
+versions, and, for two runs or more, `reproducibility.md`: whether the runs' scores are
+bit-identical, and if not, how far each task's final score moved.
 """
 
 from __future__ import annotations
@@ -67,15 +67,25 @@ def main_table(metrics: dict) -> str:
     return "\n".join(lines + ["", summary + "."])
 
 
-def method_rows(runs: list[dict]) -> str:
-    """One table row per run: its method, each task's final score and the average."""
+def method_rows(runs: list[dict], labels: list[str] | None = None) -> str:
+    """The first run's controls (best constant answer, linear probe), then one row per run: each task's final score and the average."""
     tasks = runs[0]["tasks"]
     lines = [f"| method | {' | '.join(tasks)} | average |", "|---|" + "---:|" * (len(tasks) + 1)]
-    for metrics in runs:
+
+    def row(label: str, scores: list[float | None], average: float | None = None) -> str:
+        if average is None and None not in scores:
+            average = sum(scores) / len(scores)
+        return f"| {label} | " + " | ".join(number(v) for v in scores) + f" | {number(average)} |"
+
+    for label, names in (("best constant answer", ("best_constant_score", "majority_score")), ("linear probe", ("linear_probe_score",))):
+        scores = [control_score(runs[0]["per_task"][t], names) for t in tasks]
+        if any(v is not None for v in scores):
+            lines.append(row(label, scores))
+    for i, metrics in enumerate(runs):
         if metrics["tasks"] != tasks:
             raise SystemExit(f"runs of different task lists: {tasks} vs {metrics['tasks']}")
-        scores = " | ".join(f"{metrics['final_scores'][t]:.1f}" for t in tasks)
-        lines.append(f"| {metrics['method']} | {scores} | {metrics['average_score']:.1f} |")
+        scores = [metrics["final_scores"][t] for t in tasks]  # the average as the run printed it
+        lines.append(row(labels[i] if labels else metrics["method"], scores, metrics["average_score"]))
     return "\n".join(lines)
 
 
@@ -119,7 +129,8 @@ def record(runs: list[Path], out: Path, command: str) -> None:
            "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": continual_rpt.__version__,
            "seed": metrics[0]["seed"]}
     (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")
-    (out / "reproducibility.md").write_text(reproducibility(metrics))
+    if len(runs) > 1:  # one run says nothing about reproducibility
+        (out / "reproducibility.md").write_text(reproducibility(metrics))
     (out / "table.md").write_text(main_table(metrics[0]) + "\n")
 
 
@@ -127,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("table", help="the main-job table of one run").add_argument("run", type=Path)
-    commands.add_parser("rows", help="one row per run").add_argument("runs", type=Path, nargs="+")
+    rows = commands.add_parser("rows", help="the first run's controls, then one row per run")
+    rows.add_argument("runs", type=Path, nargs="+")
+    rows.add_argument("--labels", nargs="+", help="a row label per run (default: each run's method)")
     rec = commands.add_parser("record", help="record runs of one command and whether they are bit-identical")
     rec.add_argument("runs", type=Path, nargs="+")
     rec.add_argument("--out", type=Path, required=True, help="a new folder")
@@ -137,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "table":
         print(main_table(read_metrics(args.run)))
     elif args.command == "rows":
-        print(method_rows([read_metrics(run) for run in args.runs]))
+        if args.labels and len(args.labels) != len(args.runs):
+            raise SystemExit(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+        print(method_rows([read_metrics(run) for run in args.runs], args.labels))
     else:
         record(args.runs, args.out, args.command)
 

@@ -52,3 +52,14 @@ def test_record_says_whether_runs_are_bit_identical_and_never_writes_into_an_exi
 
     with pytest.raises(SystemExit, match="exists"):
         main_job.main(["record", str(finished_run), "--out", str(tmp_path / "same")])
+
+
+def test_rows_start_with_the_controls_and_give_each_run_its_scores_and_average(finished_run, capsys):
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    main_job.main(["rows", str(finished_run), str(finished_run), "--labels", "first", "second"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["best constant answer", "linear probe", "first", "second"]
+    scores = [metrics["final_scores"][t] for t in ("COPA", "CB")]
+    assert lines[-1] == f"| second | {scores[0]:.1f} | {scores[1]:.1f} | {sum(scores) / 2:.1f} |"
+    with pytest.raises(SystemExit, match="1 labels for 2 runs"):
+        main_job.main(["rows", str(finished_run), str(finished_run), "--labels", "one"])
