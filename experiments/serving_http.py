@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from continual_rpt.bank import PromptBank
 from continual_rpt.serving.app import create_app
@@ -57,12 +58,12 @@ class PerTaskBank(ServedBank):
 
 
 @contextlib.contextmanager
-def free_server(bank: Path, log: Path, *options: str, per_task: bool = False, ready_s: float = 180):
-    """`crpt serve BANK` (or, per_task, the same app batching each task separately) on 127.0.0.1 in its own process,
+def free_server(bank: Path, log: Path, *options: str, variant: str | None = None, ready_s: float = 180):
+    """`crpt serve BANK` (or a variant of its app: this file's __main__) on 127.0.0.1 in its own process,
     ready (GET /health 200) when entered, stopped when left; yields its URL."""
     port = free_port()
-    command = [__file__, str(bank), str(port)] if per_task else ["-m", "continual_rpt", "serve", str(bank), "--host", "127.0.0.1",
-                                                                  "--port", str(port), *options]
+    command = [__file__, str(bank), str(port), variant] if variant else ["-m", "continual_rpt", "serve", str(bank), "--host", "127.0.0.1",
+                                                                         "--port", str(port), *options]
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, *command], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -134,8 +135,9 @@ async def _drive(url: str, requests: list, concurrency: int, seconds: float) -> 
 
 def drive(url: str, requests: list, concurrency: int, seconds: float = SETTING_SECONDS) -> dict:
     """Rows/s, p50 / p99 latency (ms) and statuses of one setting; the load average around it."""
-    before = load_average()
+    before, batches = load_average(), batch_totals(url)
     replies, wall = asyncio.run(_drive(url, requests, concurrency, seconds))
+    batches = [after - earlier for after, earlier in zip(batch_totals(url), batches)]
     done = [(r, q) for r, q in zip(replies, requests) if r is not None]
     latencies = sorted(r[0] for r, _ in done)
     rows = sum(len(q["rows"]) for r, q in done if r[1] == 200 and isinstance(q, dict))
@@ -144,7 +146,15 @@ def drive(url: str, requests: list, concurrency: int, seconds: float = SETTING_S
         statuses[str(r[1])] = statuses.get(str(r[1]), 0) + 1
     return {"requests": len(done), "requests_planned": len(requests), "rows": rows, "seconds": wall, "rows_per_s": rows / wall,
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99), "statuses": statuses,
-            "load_average": [before, load_average()], "replies": replies}
+            "load_average": [before, load_average()], "batches": batches[0], "rows_per_batch": batches[1] / max(1, batches[0]),
+            "replies": replies}
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """The server's forward batches so far and the rows they held (its /metrics: crpt_batch_rows' count and sum)."""
+    totals = {sample.name: sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text)
+              if family.name == "crpt_batch_rows" for sample in family.samples}
+    return totals.get("crpt_batch_rows_count", 0.0), totals.get("crpt_batch_rows_sum", 0.0)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -235,7 +245,9 @@ def hot_add(source: Path, work: Path, row: dict, names: list[str], copies: int) 
 
 
 
-if __name__ == "__main__":  # python experiments/serving_http.py BANK PORT: the per-task-batching server on 127.0.0.1
-    import uvicorn
+if __name__ == "__main__":  # python experiments/serving_http.py BANK PORT per-task|FORWARD_BATCH: crpt serve's app, on 127.0.0.1,
+    import uvicorn  # batching each task separately, or cutting each collected batch into length-sorted forwards of FORWARD_BATCH rows
 
-    uvicorn.run(create_app(PerTaskBank(sys.argv[1])), host="127.0.0.1", port=int(sys.argv[2]))  # uvicorn's logging, as crpt serve's
+    bank, port, variant = sys.argv[1:4]
+    served = PerTaskBank(bank) if variant == "per-task" else ServedBank(bank, batch_size=int(variant))
+    uvicorn.run(create_app(served), host="127.0.0.1", port=int(port))  # uvicorn's logging, as crpt serve's

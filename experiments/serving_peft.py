@@ -57,7 +57,7 @@ def decoder_bank(work: Path, data_dir: str, names: list[str]) -> Path:
     GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=512, n_embd=32, n_layer=2, n_head=2)).save_pretrained(model_dir)
     _bpe_tokenizer(Path(data_dir), bos=False).save_pretrained(model_dir)
     stream = {"name": "tiny-gpt2", "backbone": {"backbone": str(model_dir)}, "data": {"data_dir": str(data_dir), "max_train": 16},
-              "prompt": {"n_tokens": N_TOKENS, "bottleneck": 8}, "tasks": names,
+              "prompt": {"n_tokens": N_TOKENS, "bottleneck": 8}, "tasks": names, "controls": False,
               "train": {"epochs": 1, "batch_size": 8, "max_length": MAX_LENGTH, "bf16": False}}
     (work / "stream.yaml").write_text(yaml.safe_dump(stream))
     run_stream(load_stream(work / "stream.yaml"), work / "run", progress=False)
