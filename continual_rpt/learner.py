@@ -9,6 +9,7 @@ evaluation per epoch (or every `eval_every` steps), non-finite steps dropped, be
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from continual_rpt.tasks import TaskData
 
 
 DECAYS = ("none", "linear")
+log = logging.getLogger(__name__)  # a run folder's log.txt listens here (run._learn)
 
 
 @dataclass
@@ -208,6 +210,13 @@ def dev_scores(
         return [-math.inf] * len(datas)
 
 
+def log_evaluation(label: str, entry: dict, examples_per_second: float, elapsed: float) -> None:
+    """One line per dev evaluation (per epoch unless eval_every says otherwise), so a run without progress bars is not silent."""
+    dev = "non-finite" if entry["dev_score"] is None else f"{entry['dev_score']:.2f}"
+    log.info("%s epoch %d step %d: train loss %.4f, dev %s, %.1f examples/s, %.0f s", label, entry["epoch"], entry["step"],
+             entry["train_loss"], dev, examples_per_second, elapsed)
+
+
 def _snapshot(module: nn.Module | None) -> dict[str, Tensor] | None:
     return {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else None
 
@@ -317,12 +326,16 @@ def _fit(
                                 "dev_score": score if math.isfinite(score) else None})
                 running = []
                 bar.set_postfix(loss=f"{loss_mean:.3f}", dev=f"{score:.1f}")
+                if rank == 0:
+                    log_evaluation(f"{names} ({prompt_cfg.method})", history[-1], seen / train_seconds, time.perf_counter() - start)
             if best.stop:
                 break
         if best.stop:
             break
     bar.close()
     wall = time.perf_counter() - start
+    if rank == 0 and best.step:
+        log.info("%s: kept the state of step %d of %d (best mean dev score %.2f)", names, best.step, step, best.score)
     if best.step == 0:
         raise TrainingDiverged(f"{names}: no dev evaluation produced a finite prompt; training diverged "
                                f"({skipped} non-finite steps dropped); lower --lr")

@@ -22,10 +22,11 @@ import dataclasses
 import json
 import logging
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from continual_rpt.atomic import is_temp_name, replace_file, replace_json
 from continual_rpt.bank import PromptBank
@@ -33,6 +34,7 @@ from continual_rpt.controls import control_fields, reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt.faults import kill_point
+from continual_rpt.learner import log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
 from continual_rpt.strategies import make_strategy, method_label, strategy_class
@@ -86,6 +88,34 @@ def _logger(out: Path) -> logging.Logger:
     return log
 
 
+@contextmanager
+def _training_lines(log: logging.Logger):
+    """While the run lasts, the learner's per-evaluation lines and kept step go to the run's log.txt too."""
+    level = training_log.level
+    training_log.setLevel(logging.INFO)
+    for handler in log.handlers:
+        training_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in log.handlers:
+            training_log.removeHandler(handler)
+        training_log.setLevel(level)
+
+
+@contextmanager
+def _hub_bars(shown: bool):
+    """transformers' own bars ("Loading weights", the hub's downloads) shown only with the run's progress bars."""
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Learn the stream's tasks in order into `out`/bank and return the run's metrics.
 
@@ -96,6 +126,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     out = Path(out)
     existed = out.is_dir()
     with ExitStack() as held:
+        held.enter_context(_hub_bars(progress))
         if existed:  # perhaps a folder a live run is writing: fail before any work
             held.enter_context(locked(out, remove=True))
         _check_run(stream, out, resume)
@@ -109,6 +140,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         state = _check_run(stream, out, resume)
         if not (out / STREAM_FILE).is_file():
             replace_json(out / STREAM_FILE, stream.resolved())
+        held.enter_context(_training_lines(_logger(out)))
         return _learn(stream, out, state, data, backbone, progress)
 
 
@@ -132,7 +164,8 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
         if i < len(state["rows"]):
             continue
         start = time.perf_counter()
-        log.info("learn %s (%s, %s, n=%d)", spec.name, stream.strategy, spec.prompt.method, spec.prompt.n_tokens)
+        tokens = f", {spec.prompt.n_tokens} prompt tokens" if spec.prompt.uses_prompt else ""
+        log.info("learn %s (%s, %s%s)", spec.name, stream.strategy, spec.prompt.method, tokens)
         row, aware = {}, {}
         if strategy.learn(i, spec, data, progress):
             for seen in stream.tasks[: i + 1]:

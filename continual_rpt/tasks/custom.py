@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import random
@@ -25,7 +26,6 @@ from . import metrics
 from .base import DataError, Example, Parser, Task
 from .data import TaskData, decode_json_line, halve, read_lines, sample, utf8_text
 
-METRICS = {"accuracy": ("accuracy",), "macro_f1": ("macro_f1",), "accuracy+macro_f1": ("accuracy", "macro_f1")}
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 UNKNOWN_LABELS = ("error", "skip")
 FILE_FIELDS = ("train", "validation", "dev", "test")
@@ -71,8 +71,7 @@ class CustomTaskConfig:
             columns = _columns(getattr(self, field_name))
             if getattr(self, field_name) is not None and not (columns and all(columns)):
                 raise ValueError(f"{field_name} must name at least one column, and no empty column")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {list(METRICS)}, got {self.metric!r}")
+        metrics.classification_metrics(self.metric, self.label_names)  # a term it cannot read raises, naming the metric
         if self.unknown_labels not in UNKNOWN_LABELS:
             raise ValueError(f"unknown_labels must be one of {list(UNKNOWN_LABELS)}, got {self.unknown_labels!r}")
         self._check_source()
@@ -174,16 +173,16 @@ def _row_parser(cfg: CustomTaskConfig) -> Parser:
     return parse
 
 
-def _score(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
+def _score(chosen: dict, examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
     golds = [example.label for example in examples]
-    return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds)}
+    return {name: metric(predictions, golds) for name, metric in chosen.items()}
 
 
 def custom_task(cfg: CustomTaskConfig) -> Task:
     """The Task of a custom declaration; hub rows have the file columns, so both parsers are the same."""
     parser = _row_parser(cfg)
-    metric_names, hub_config = METRICS[cfg.metric], cfg.hub_config or ""
-    return Task(cfg.name, "classification", cfg.label_names, metric_names, hub_config, parser, parser, _score,
+    chosen, hub_config = metrics.classification_metrics(cfg.metric, cfg.label_names), cfg.hub_config or ""
+    return Task(cfg.name, "classification", cfg.label_names, tuple(chosen), hub_config, parser, parser, functools.partial(_score, chosen),
                 _columns(cfg.text) + _columns(cfg.text_pair))
 
 

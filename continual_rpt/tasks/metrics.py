@@ -1,4 +1,7 @@
-"""SuperGLUE metrics as pure functions over plain lists; every metric returns a fraction in [0, 1]."""
+"""Task metrics as pure functions over plain lists: fractions in [0, 1] (Matthews correlation in [-1, 1]).
+
+`classification_metrics` reads a custom task's `metric:` (see the README's custom tasks).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
+CLASSIFICATION_METRICS = "accuracy, macro_f1, mcc, f1:<class>, f1_mean:<class>,<class>… (or several joined by '+')"
 
 
 def _check(predictions: Sequence, golds: Sequence) -> None:
@@ -48,6 +53,43 @@ def macro_f1(predictions: Sequence[int], golds: Sequence[int]) -> float:
     # present somewhere has 2tp + fp + fn > 0, so no F1 here is undefined.
     present = set(golds) | set(predictions) - {None}  # None is no answer (Task.score), not a label
     return sum(binary_f1(predictions, golds, positive=c) for c in present) / len(present)
+
+
+def mean_f1(predictions: Sequence[int], golds: Sequence[int], classes: Sequence[int]) -> float:
+    """Unweighted mean of the F1 of the named classes only (TweetEval stance: favor and against), as f1_score(labels=classes, average="macro")."""
+    _check(predictions, golds)
+    return sum(binary_f1(predictions, golds, positive=c) for c in classes) / len(classes)
+
+
+def matthews(predictions: Sequence[int | None], golds: Sequence[int]) -> float:
+    """Matthews correlation coefficient (scikit-learn's matthews_corrcoef; 0 where it is undefined); no answer (None) is a class of its own."""
+    # Imported here: scikit-learn takes ~1 s to import, and only a task scored by MCC needs it.
+    from sklearn.metrics import matthews_corrcoef
+
+    _check(predictions, golds)
+    return float(matthews_corrcoef(golds, [-1 if p is None else p for p in predictions]))
+
+
+def classification_metrics(spec: str, label_names: Sequence[str]) -> dict[str, Callable[[Sequence, Sequence], float]]:
+    """The metrics that `spec` (a custom task's `metric:`, terms joined by '+') names, each over class indices, by term."""
+    chosen: dict[str, Callable[[Sequence, Sequence], float]] = {}
+    for term in spec.split("+"):
+        name, _, named = (part.strip() for part in term.partition(":"))
+        classes = [c.strip() for c in named.split(",")] if named else []
+        term = f"{name}:{','.join(classes)}" if classes else name  # the key the scores are stored under, spaces dropped
+        unknown = [c for c in classes if c not in label_names]
+        if unknown:
+            raise ValueError(f"metric {spec!r}: class {unknown[0]!r} is not one of label_names ({', '.join(label_names)})")
+        indices = [label_names.index(c) for c in classes]
+        if name in ("accuracy", "macro_f1", "mcc") and not classes:
+            chosen[term] = {"accuracy": accuracy, "macro_f1": macro_f1, "mcc": matthews}[name]
+        elif name == "f1" and len(classes) == 1:
+            chosen[term] = partial(binary_f1, positive=indices[0])
+        elif name == "f1_mean" and classes:
+            chosen[term] = partial(mean_f1, classes=tuple(indices))
+        else:
+            raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {spec!r}")
+    return chosen
 
 
 def multirc_em(predictions: Sequence[int], golds: Sequence[int], groups: Sequence[str]) -> float:
