@@ -9,25 +9,7 @@ import sys
 from pathlib import Path
 
 from continual_rpt import __version__
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One --option per dataclass field, typed and documented from the field; an option not given stays None."""
-    group = parser.add_argument_group(title)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        text = f"{f.metadata.get('help')} (default: {f.default!r}, or the backbone's recipe)"
-        if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            group.add_argument(flag, dest=f.name, type=kind, default=None, help=text, metavar=f.name.upper())
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace, base: dict | None = None):
-    """Build `cls` from the options given, on top of `base` (a recipe section) and the dataclass defaults."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
-    return cls(**{**(base or {}), **given})
+from continual_rpt.cli_args import add_config_options, train_configs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", required=True, help="SuperGLUE task: BoolQ, CB, COPA, MultiRC, ReCoRD, RTE, WiC, WSC")
     train.add_argument("--out", required=True, type=Path, help="output folder (must not exist yet)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-    add_dataclass_args(train, DataConfig, "data")
-    add_dataclass_args(train, BackboneConfig, "backbone")
-    add_dataclass_args(train, PromptConfig, "prompt")
-    add_dataclass_args(train, TrainConfig, "training")
+    add_config_options(train, DataConfig, "data")
+    add_config_options(train, BackboneConfig, "backbone", recipe=False)  # the recipe is chosen by the backbone
+    add_config_options(train, PromptConfig, "prompt")
+    add_config_options(train, TrainConfig, "training")
 
     run = commands.add_parser("run", help="learn a stream of tasks, one after another, into a prompt bank")
     run.add_argument("stream", type=Path, help="stream file (YAML), e.g. streams/superglue-cpu.yaml")
@@ -99,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--base-dir", type=Path, help="folder that custom tasks' relative paths start from (default: the working directory)")
     index.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
     index.add_argument("--device", default="cpu", help="torch device")
+    add = bank_commands.add_parser("add", help="add an entry folder written by `crpt train --out` to a bank as a new entry")
+    add.add_argument("bank", type=Path, help="bank folder (created if missing)")
+    add.add_argument("entry", type=Path, help="the folder `crpt train --out` wrote")
+    add.add_argument("--name", help="entry name (default: the entry's own, its task's)")
     imp = bank_commands.add_parser("import", help="add a PEFT prompt-tuning adapter to a bank as a new entry")
     imp.add_argument("bank", type=Path, help="bank folder (created if missing)")
     imp.add_argument("adapter", type=Path, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
@@ -132,25 +118,18 @@ def add_serve_parser(commands) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
     from continual_rpt import distributed
-    from continual_rpt.backbones import BackboneConfig
-    from continual_rpt.learner import TrainConfig, train_task
-    from continual_rpt.prompts import PromptConfig
-    from continual_rpt.recipes import recipe_for
+    from continual_rpt.learner import train_task
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
     from continual_rpt.strategies.base import entry_for
-    from continual_rpt.streams import DataConfig, TaskSpec, load_data
-    from continual_rpt.tasks import get_task
+    from continual_rpt.streams import load_data
 
     if args.out.exists():  # checked again when writing, under a lock: another training may take --out meanwhile
         raise FileExistsError(f"{args.out} already exists; choose another --out (nothing was overwritten)")
-    if args.method in METHODS and args.method not in SINGLE_TASK_METHODS:  # one vocabulary with crpt run, one task here
-        raise ValueError(f"--method {args.method!r} learns a stream of tasks: use crpt run STREAM --method {args.method}; "
+    method = getattr(args, "method", None)  # unset: the recipe's or PromptConfig's
+    if method in METHODS and method not in SINGLE_TASK_METHODS:  # one vocabulary with crpt run, one task here
+        raise ValueError(f"--method {method!r} learns a stream of tasks: use crpt run STREAM --method {method}; "
                          f"crpt train takes {', '.join(SINGLE_TASK_METHODS)}")
-    task = get_task(args.task).name
-    backbone_cfg = dataclass_from_args(BackboneConfig, args)
-    recipe = recipe_for(backbone_cfg.backbone)
-    spec = TaskSpec(task, task, None, dataclass_from_args(DataConfig, args, recipe.get("data")),
-                    dataclass_from_args(PromptConfig, args, recipe.get("prompt")), dataclass_from_args(TrainConfig, args, recipe.get("train")))
+    backbone_cfg, spec = train_configs(args)
     data = load_data(spec, Path.cwd())
     backbone = backbone_cfg.load()
     rank, _ = distributed.setup()
@@ -192,11 +171,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
-    """`crpt bank ls|show|predict|index-routes|export|import`."""
+    """`crpt bank ls|show|predict|index-routes|export|import|add`."""
     from continual_rpt.bank import PromptBank
 
     if args.bank_command == "import":
         return import_adapter(args)
+    if args.bank_command == "add":
+        return add_entry(args)
     bank = PromptBank.open(args.bank)
     if args.bank_command == "export":
         from continual_rpt.peft_format import export_peft
@@ -252,6 +233,19 @@ def import_adapter(args: argparse.Namespace) -> int:
     entry = import_peft(args.adapter, task, name, load_backbone(base, "auto", args.device), data, args.max_length)
     PromptBank.open(args.bank, create=True).add(name, entry)
     print(f"added {name} to {args.bank} ({entry.prompt.shape[0]} virtual tokens, "
+          f"{'with' if entry.route is not None else 'without'} route state)")
+    return 0
+
+
+def add_entry(args: argparse.Namespace) -> int:
+    """`crpt bank add BANK FOLDER`: a `crpt train --out` folder as a new bank entry; nothing already in the bank is touched."""
+    from continual_rpt.bank import Entry, PromptBank, check_name
+
+    PromptBank.check_creatable(args.bank)  # a folder that is not a bank is refused before anything is read or written
+    entry = Entry.from_pretrained(args.entry)  # safetensors and JSON only; anything else in the folder is refused
+    name = check_name(args.name or entry.meta.get("name") or entry.meta.get("task"))
+    PromptBank.open(args.bank, create=True).add(name, dataclasses.replace(entry, meta={**entry.meta, "name": name}))
+    print(f"added {name} to {args.bank} ({entry.meta.get('method')}, {entry.meta.get('task')}, "
           f"{'with' if entry.route is not None else 'without'} route state)")
     return 0
 
