@@ -61,7 +61,7 @@ def predict_file(bank: PromptBank, args: argparse.Namespace, backbone_for: Calla
     entry = bank.get(args.task)
     task = task_from_meta(entry.meta, args.bank / args.task)
     examples = read_examples(entry.meta, args.input)
-    predictions = predict_from_bank(bank, args.task, examples, backbone_for(entry))
+    predictions = predict_from_bank(bank, args.task, examples, backbone_for(entry), bf16=args.bf16)
     write_jsonl([{"uid": ex.uid, "prediction": answer_text(task, ex, i), "index": i} for ex, i in zip(examples, predictions)], args.output)
     return 0
 
@@ -96,7 +96,7 @@ def predict_routed(bank: PromptBank, args: argparse.Namespace, backbone_for: Cal
     out = []
     for readers, items in by_reader.items():
         readings = {name: [rows[number][1][name][k] for number, k in items] for name in readers}  # each task's own reading
-        for (number, k), r in zip(items, route(bank, readings[readers[0]], backbone, args.router, list(readers), readings)):
+        for (number, k), r in zip(items, route(bank, readings[readers[0]], backbone, args.router, list(readers), readings, args.bf16)):
             row, parsed = rows[number]
             ex = parsed[r.task][k]  # the row as the entry routed to reads it
             out.append(((number, k), {"line": number, "uid": ex.uid, "input_id": input_id(row), "task": r.task,

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
     pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
     pred.add_argument("--device", default="cpu", help="torch device")
+    pred.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                      help="score in bf16 where each entry was evaluated so; --no-bf16: in fp32 (route features keep each "
+                           "entry's recorded precision)")
     pred.add_argument("--server", metavar="URL", help="answer through a running `crpt serve` at URL (its backbone, device and router; "
                                                       "BANK gives the task definitions only), e.g. http://127.0.0.1:8000")
     export = bank_commands.add_parser("export", help="write an entry as a PEFT prompt-tuning adapter (seq2seq, and decoders without BOS)")
@@ -271,6 +274,8 @@ def warn_named_backbone(name: str, given: str | None, source: str) -> None:
 def predict_file(bank, args: argparse.Namespace) -> int:
     """`crpt bank predict`: each --input row answered by the task's entry, or the entry it is routed to (bank_predict)."""
     if args.server:
+        if not args.bf16:
+            raise ValueError("--no-bf16 chooses how this process scores; a server scores each entry as it was evaluated (give one)")
         from continual_rpt.serving.remote import predict_file_remote
 
         return predict_file_remote(bank, args)

@@ -152,16 +152,16 @@ def load_answerer(bank: PromptBank, name: str, backbone: Backbone) -> Answerer:
     return Answerer(task, prompt, head, entry)
 
 
-def bank_option_scores(bank: PromptBank, examples: list[Example], tasks: list[str], backbone: Backbone, batch_size: int = 64) -> list[Tensor]:
+def bank_option_scores(bank: PromptBank, examples: list[Example], tasks: list[str], backbone: Backbone, batch_size: int = 64,
+                       bf16: bool = True) -> list[Tensor]:
     """Every example's scores with the stored prompt and head of its own task (`tasks[i]`), tasks mixed in each batch.
 
     Each entry's inputs are truncated, and scored in bf16 or fp32, as the entry was evaluated when it
-    was trained (fp32 for the whole call if any entry was trained in fp32).
+    was trained (fp32 for the whole call if any entry was trained in fp32, or if `bf16` is False).
     """
     names = list(dict.fromkeys(tasks))
     answerers = [load_answerer(bank, name, backbone) for name in names]
     features: list[Features | None] = [None] * len(examples)
-    bf16 = True
     for name, a in zip(names, answerers):
         train = a.entry.config.get("train", {})
         bf16 = bf16 and train.get("bf16", True)
@@ -172,9 +172,9 @@ def bank_option_scores(bank: PromptBank, examples: list[Example], tasks: list[st
     return mixed_option_scores(backbone, answerers, [names.index(t) for t in tasks], features, batch_size, bf16)
 
 
-def predict_from_bank(bank: PromptBank, name: str, examples: list[Example], backbone: Backbone) -> list[int]:
-    """Predicted label or choice index of every example with task `name`'s stored prompt and head."""
-    return [int(s.argmax()) for s in bank_option_scores(bank, examples, [name] * len(examples), backbone)]
+def predict_from_bank(bank: PromptBank, name: str, examples: list[Example], backbone: Backbone, bf16: bool = True) -> list[int]:
+    """Predicted label or choice index of every example with task `name`'s stored prompt and head (fp32 if not `bf16`)."""
+    return [int(s.argmax()) for s in bank_option_scores(bank, examples, [name] * len(examples), backbone, bf16=bf16)]
 
 
 # --- continual-learning metrics: pure functions of the accuracy matrix -----------------------

@@ -120,6 +120,7 @@ def import_peft(folder: Path, task: Task, name: str, backbone: Backbone, data: T
     }
     route = None
     if data is not None:
-        route = route_state(backbone, data.train, data.dev, prompt.to(backbone.device), None, max_length, seed=0)
-    config_doc = {"imported_from": str(folder), "adapter_config": config, "train": {"max_length": max_length}}
+        route = route_state(backbone, data.train, data.dev, prompt.to(backbone.device), None, max_length, seed=0, bf16=False)
+    # Made in fp32 as far as this toolkit knows: recorded, so that predict, routing and the server score it in fp32.
+    config_doc = {"imported_from": str(folder), "adapter_config": config, "train": {"max_length": max_length, "bf16": False}}
     return Entry(prompt, None, meta, config_doc, {"name": name}, route)

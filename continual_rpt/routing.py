@@ -276,13 +276,14 @@ def routable(bank: PromptBank, names: list[str] | None = None) -> tuple[list[str
 
 
 def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router: str = "mahalanobis",
-          names: list[str] | None = None, readings: dict[str, list[Example]] | None = None) -> list[Routed]:
+          names: list[str] | None = None, readings: dict[str, list[Example]] | None = None, bf16: bool = True) -> list[Routed]:
     """Route every example to one of the bank's entries (default all of them) and answer it with that entry.
 
     Each entry compares the examples featurized as its route state says (`Featurization.of_entry`).
     `readings` holds the same inputs as each entry's own task reads them, where tasks read one row
     differently (a seq2seq or decoder task's source names the task, its candidates are its labels): an
-    entry answers, and is sure of, its own reading; `examples` alone are what is routed.
+    entry answers, and is sure of, its own reading; `examples` alone are what is routed. `bf16` False scores the
+    answers in fp32; the route features keep each entry's recorded precision, which its route state was built at.
     """
     def read_by(t: int, i: int) -> Example:
         return readings[names[t]][i] if readings else examples[i]
@@ -299,7 +300,7 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
                         f"({len(examples[unanswerable[0]].pairs)} text pairs; entries: {', '.join(names)})")
     if router == "confidence":  # every entry answers every example it can read: all in one stream of mixed batches
         pairs = allowed.nonzero().tolist()
-        scored = bank_option_scores(bank, [read_by(t, i) for i, t in pairs], [names[t] for _, t in pairs], backbone)
+        scored = bank_option_scores(bank, [read_by(t, i) for i, t in pairs], [names[t] for _, t in pairs], backbone, bf16=bf16)
         best: dict[int, tuple[float, int, int]] = {}
         for (i, t), s in zip(pairs, scored):
             sure = confidence(s, float(entries[names[t]].route["temperature"]))
@@ -309,7 +310,7 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
     x = entry_features(entries, bank.path, examples, backbone)
     indices, scores = route_features([x[n] for n in names], [entries[n].route for n in names], router, allowed)
     answers = bank_option_scores(bank, [read_by(t, i) for i, t in enumerate(indices)], [names[t] for t in indices],
-                                 backbone)  # tasks mixed in every batch
+                                 backbone, bf16=bf16)  # tasks mixed in every batch
     return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
 
 

@@ -14,6 +14,7 @@ before any weights load, rather than silently getting an encoder's prompt placem
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class BackboneConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone: 37 s to compile on a 2-core CPU, then 1.13x faster steps (performance.md section 10)"})
 
     def __post_init__(self) -> None:
+        self.backbone = stored_name(self.backbone)
         if self.pooling not in (AUTO, *POOLINGS):
             raise ValueError(f"pooling: {self.pooling!r} is not one of {', '.join((AUTO, *POOLINGS))}")
         if self.attention not in ATTENTIONS:
@@ -81,6 +83,11 @@ class BackboneConfig:
         if self.compile:
             backbone.model.compile(dynamic=True)  # in place: state_dict keys, and so the fingerprint, stay the same
         return backbone
+
+
+def stored_name(name: str) -> str:
+    """The name recorded for a backbone: a local folder's absolute path (so entries load from any working directory), else as given."""
+    return os.path.abspath(name) if name != EMBEDDED and os.path.isdir(name) else name
 
 
 def resolve_backbone(name: str) -> str:
@@ -162,6 +169,7 @@ def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cp
     if attention not in ATTENTIONS:
         raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
     check_device(device)  # before minutes of loading, and before any caller writes a file
+    name = stored_name(name)  # what the Backbone, and so every entry and adapter import made with it, records
     path = resolve_backbone(name)
     check_safetensors(name, path)
     try:
