@@ -4,8 +4,10 @@
     comparison.csv                 one row per method; numeric columns as `<name>_mean` and `<name>_std`
     comparison.md                  the same table as "mean ± std" strings, with notes
     accuracy_matrix_<method>.png   each method's accuracy matrix (mean over seeds), one shared colour scale
-    score_along_stream.png         each task's score after learning each later task, one line per method
-    final_scores.png               final score per task by method, error bars = std over seeds
+    score_along_stream.png         each task's score after learning each later task, one line per method whose
+                                   scores change (a bank's never do: comparison.md names those left out)
+    final_scores.png               final score per task by method and control (one equal to a method shown once),
+                                   error bars = std over seeds
     differences.md, .csv           95% bootstrap intervals over seeds and test examples (confidence.py) of each
                                    method's task average and final task scores, and of its paired difference
                                    from the first method given; the test-sample interval beside the average's
@@ -16,19 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import Normalize
 
 from continual_rpt.confidence import LEVEL, ONE_SEED_NOTE, by_seed, intervals
+from continual_rpt.plots import plot_along_stream, plot_final_scores, plot_matrices, unchanging
 
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",
             "final_scores", "per_task", "wall_seconds")
@@ -52,8 +48,6 @@ NOTES = [
     "a ceiling of every constant, not a method); the linear probe is a logistic regression on the frozen backbone's "
     "pooled features, C chosen on dev. A method that does not beat the probe has learned nothing the backbone's embeddings did not hold.",
 ]
-FONT = 12
-
 
 class ReportError(ValueError):
     """Run folders that cannot be compared."""
@@ -127,10 +121,28 @@ def control_values(groups: dict[str, list[dict]], key: str) -> list[dict[str, fl
             for scores in by_seed.values()]
 
 
+def _scores(rows: list[dict]) -> list[tuple]:
+    # Rounded: a run's average and a control's are the same mean summed in another order.
+    return sorted(tuple(round(v, 6) for k, v in sorted(row.items()) if k == "average_score" or k.startswith("final_")) for row in rows)
+
+
+def scored_controls(groups: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Each control the runs scored (its rows per seed), less those whose scores a method's runs have exactly (control -> method)."""
+    methods = {label: _scores([run_values(m) for m in runs]) for label, runs in groups.items()}
+    shown, same = {}, {}
+    for key, name in CONTROLS.items():
+        if found := control_values(groups, key):
+            twin = next((label for label, scores in methods.items() if scores == _scores(found)), None)
+            shown.update({} if twin else {name: found})
+            same.update({name: twin} if twin else {})
+    return shown, same
+
+
 def summary_frame(groups: dict[str, list[dict]]) -> pd.DataFrame:
-    """One row per method, then one per control the runs scored: `seeds` and `<stem>_mean`, `<stem>_std` (std NaN for one seed)."""
+    """One row per method, then one per control the runs scored that no method equals: `seeds` and `<stem>_mean`, `<stem>_std`
+    (std NaN for one seed)."""
     rows = {label: [run_values(m) for m in runs] for label, runs in groups.items()}
-    rows.update({name: found for key, name in CONTROLS.items() if (found := control_values(groups, key))})
+    rows.update(scored_controls(groups)[0])
     values = pd.DataFrame([v for found in rows.values() for v in found], dtype=float)  # None -> NaN
     values.insert(0, "method", [label for label, found in rows.items() for _ in found])
     stats = values.groupby("method", sort=False).agg(["mean", "std"])
@@ -149,8 +161,8 @@ def cell(mean: float, std: float, digits: int, exact: bool = False) -> str:
     return f"{text} ± {std:,.{digits}f}"
 
 
-def markdown(table: pd.DataFrame, loaded: list[dict]) -> str:
-    """comparison.md: a heading, the table as "mean ± std" strings, and what the columns mean."""
+def markdown(table: pd.DataFrame, loaded: list[dict], notes: list[str] = ()) -> str:
+    """comparison.md: a heading, the table as "mean ± std" strings, what the columns mean, and `notes` on this comparison."""
     tasks = loaded[0]["tasks"]
     columns = [(stem, name, 1, False) for stem, name in {**SCORES, **TASK_FREE}.items()]
     columns += [(f"final_{task}", f"final {task}", 1, False) for task in tasks]
@@ -165,8 +177,22 @@ def markdown(table: pd.DataFrame, loaded: list[dict]) -> str:
              "| " + " | ".join(header) + " |",
              "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", *NOTES]
+    lines += ["", *NOTES, *notes]
     return "\n".join(lines) + "\n"
+
+
+def comparison_notes(groups: dict[str, list[dict]], matrices: dict[str, tuple[np.ndarray, np.ndarray]], along_drawn: bool) -> list[str]:
+    """What this comparison shows once or not at all: controls equal to a method, methods whose scores never change along the stream."""
+    notes = [f"The {control} has exactly the scores of method {method}; it is shown once, as {method}."
+             for control, method in scored_controls(groups)[1].items()]
+    flat = [label for label, (mean, _) in matrices.items() if unchanging(mean)]
+    if flat and along_drawn:
+        notes.append(f"score_along_stream.png leaves out {', '.join(flat)}: no task's score changes after it is learned "
+                     "(a bank's entries are frozen), so their lines would be flat.")
+    elif flat:
+        notes.append("score_along_stream.png is not drawn: no method's task scores change after the task is learned "
+                     "(a bank's entries are frozen), so every line would be flat; the accuracy matrices show the scores.")
+    return notes
 
 
 def mean_matrices(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,98 +200,6 @@ def mean_matrices(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     frames = pd.concat([pd.DataFrame(m["accuracy_matrix"], dtype=float) for m in runs])
     by_cell = frames.groupby(level=0)  # rows of the same position across seeds
     return by_cell.mean().to_numpy(), by_cell.std().to_numpy()
-
-
-def file_label(label: str) -> str:
-    """A method label made safe for a file name."""
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", label).strip("_")
-
-
-def plot_matrices(matrices: dict[str, tuple[np.ndarray, np.ndarray]], seeds: dict[str, int], tasks: list[str], out: Path) -> None:
-    """accuracy_matrix_<method>.png: heat maps of the mean with the scores written in, one colour scale for all methods."""
-    everything = np.concatenate([mean.ravel() for mean, _ in matrices.values()])
-    # one range for all methods, rounded out to tens (at least one ten wide, so a single value still has a scale)
-    low = math.floor(np.nanmin(everything) / 10) * 10
-    norm = Normalize(low, min(100, max(low + 10, math.ceil(np.nanmax(everything) / 10) * 10)))
-    cmap = plt.get_cmap("viridis")
-    T = len(tasks)
-    for label, (matrix, _) in matrices.items():
-        fig, ax = plt.subplots(figsize=(3.8 + 1.1 * T, 1.9 + 0.9 * T), layout="constrained")
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm)
-        for (i, j), value in np.ndenumerate(matrix):
-            if not math.isnan(value):
-                r, g, b, _ = cmap(norm(value))
-                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # legible on light and dark cells
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=ink, fontsize=FONT)
-        ax.set_xticks(range(T), tasks, fontsize=FONT, rotation=30 if T > 4 else 0, ha="right" if T > 4 else "center")
-        ax.set_yticks(range(T), [f"after {t}" for t in tasks], fontsize=FONT)
-        ax.set_xlabel("score on task j", fontsize=FONT)
-        ax.set_ylabel("after learning task i", fontsize=FONT)
-        ax.set_title(f"{label}: accuracy matrix (mean of {seeds[label]} seed{'s' * (seeds[label] > 1)})", fontsize=FONT + 1)
-        colorbar = fig.colorbar(image, ax=ax, shrink=0.85)
-        colorbar.set_label("score (%)", fontsize=FONT)
-        colorbar.ax.tick_params(labelsize=FONT - 1)
-        fig.savefig(out / f"accuracy_matrix_{file_label(label)}.png", dpi=120)
-        plt.close(fig)
-
-
-def method_colours(labels: list[str]) -> dict[str, tuple]:
-    """One colour per method, the same in every plot."""
-    return {label: plt.get_cmap("tab10")(k % 10) for k, label in enumerate(labels)}
-
-
-def plot_along_stream(matrices: dict[str, tuple[np.ndarray, np.ndarray]], tasks: list[str], out: Path) -> None:
-    """score_along_stream.png: per task, its score after learning it and every later task, one line per method."""
-    T = len(tasks)
-    ncols = min(T, 3)
-    nrows = math.ceil(T / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.5, 4.3 * ncols), 3.3 * nrows + 0.9), sharey=True, squeeze=False, layout="constrained")
-    colours = method_colours(list(matrices))
-    for j, ax in enumerate(axes.flat):
-        if j >= T:
-            ax.set_visible(False)
-            continue
-        after = np.arange(j, T)
-        for label, (mean, std) in matrices.items():
-            ax.plot(after, mean[j:, j], marker="o", color=colours[label], label=label)
-            ax.fill_between(after, mean[j:, j] - std[j:, j], mean[j:, j] + std[j:, j], color=colours[label], alpha=0.15, linewidth=0)
-        ax.set_title(f"{tasks[j]} (task {j + 1})", fontsize=FONT + 1)
-        ax.set_xlim(-0.4, T - 0.6)
-        ax.set_xticks(range(T), tasks, fontsize=FONT - 1, rotation=30 if T > 4 else 0)
-        ax.tick_params(axis="y", labelsize=FONT - 1)
-        ax.grid(alpha=0.3)
-        if j % ncols == 0:
-            ax.set_ylabel("score (%)", fontsize=FONT)
-        if j + ncols >= T:  # the lowest subplot of its column
-            ax.set_xlabel("after learning", fontsize=FONT)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 8), fontsize=FONT, frameon=False)
-    fig.suptitle("Score of each task along the stream (band: ± std over seeds)", fontsize=FONT + 2)
-    fig.savefig(out / "score_along_stream.png", dpi=120)
-    plt.close(fig)
-
-
-def plot_final_scores(table: pd.DataFrame, tasks: list[str], out: Path) -> None:
-    """final_scores.png: grouped bars of each task's final score by method, error bars = std over seeds."""
-    labels = list(table["method"])
-    colours = method_colours(labels)
-    width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(min(16, max(6.5, 2 + len(tasks) * (0.6 + 0.22 * len(labels)))), 4.8), layout="constrained")
-    x = np.arange(len(tasks))
-    for k, row in table.iterrows():
-        means = [row[f"final_{t}_mean"] for t in tasks]
-        stds = [row[f"final_{t}_std"] for t in tasks]  # NaN for one seed: no error bar is drawn
-        ax.bar(x + (k - (len(labels) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               color=colours[row["method"]], label=f"{row['method']} (n={row['seeds']})")
-    ax.set_xticks(x, tasks, fontsize=FONT)
-    ax.tick_params(axis="y", labelsize=FONT - 1)
-    ax.set_ylabel("final score (%)", fontsize=FONT)
-    ax.set_title("Final score per task (error bars: std over seeds)", fontsize=FONT + 1)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.legend(loc="outside lower center", ncol=min(len(labels), 8), fontsize=FONT, frameon=False)
-    fig.savefig(out / "final_scores.png", dpi=120)
-    plt.close(fig)
 
 
 def load_bootstraps(runs: list[Path], groups: dict[str, list[dict]], loaded: list[dict]) -> dict[str, dict[int, dict]] | None:
@@ -350,11 +284,11 @@ def compare(runs: list[Path], out: Path) -> pd.DataFrame:
     table = summary_frame(groups)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(markdown(table, loaded))
     matrices = {label: mean_matrices(group) for label, group in groups.items()}
     plot_matrices(matrices, {label: len(group) for label, group in groups.items()}, tasks, out)
-    plot_along_stream(matrices, tasks, out)
+    along = plot_along_stream(matrices, tasks, out)
     plot_final_scores(table, tasks, out)
+    (out / "comparison.md").write_text(markdown(table, loaded, comparison_notes(groups, matrices, along is not None)))
     boots = load_bootstraps(runs, groups, loaded)
     if boots is not None:
         frame = differences(boots, groups, tasks)
@@ -370,5 +304,5 @@ def command(args: argparse.Namespace) -> int:
     if (args.out / "differences.md").is_file():
         print((args.out / "differences.md").read_text(), end="")
     print(f"written to {args.out}: comparison.csv, comparison.md, differences.csv, differences.md (runs with bootstrap.json), "
-          "accuracy_matrix_*.png, score_along_stream.png, final_scores.png")
+          "accuracy_matrix_*.png, score_along_stream.png (unless every method's scores stay as learned), final_scores.png")
     return 0

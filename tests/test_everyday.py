@@ -81,3 +81,85 @@ def test_a_linear_probe_run_logs_no_prompt_tokens(tmp_path, tiny_bert_dir, super
     run_stream(stream, tmp_path / "run", progress=False)
     learn = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " learn CB " in line]
     assert len(learn) == 1 and learn[0].endswith("learn CB (probe, head)"), learn
+
+
+def _bank_runs(tmp_path, probe_equals_head: bool):
+    """Two seeds of methods rpt and head, whose scores never change along the stream, with the runs' control scores;
+    `probe_equals_head`: the linear probe control scored exactly what method head's runs did."""
+    from test_report import TASKS, write_run
+
+    runs = []
+    for seed in (0, 1):
+        finals = {"rpt": [70 + seed, 60, 17], "head": [50, 40 + seed, 30]}
+        probe = finals["head"] if probe_equals_head else [55, 45, 35 + seed]
+        controls = {t: {"best_constant_score": 33.0 + i, "linear_probe_score": probe[i]} for i, t in enumerate(TASKS)}
+        for method, final in finals.items():
+            R = [[final[j] if j <= i else None for j in range(3)] for i in range(3)]  # frozen entries: each column constant
+            runs.append(write_run(tmp_path / f"{method}-{seed}", method, seed, R, controls=controls))
+    return runs
+
+
+def _legend_labels(fig) -> list[str]:
+    return [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+
+
+@pytest.mark.parametrize("probe_equals_head", [True, False])
+def test_a_control_equal_to_a_method_is_drawn_once(tmp_path, probe_equals_head):
+    # Checked to fail before this change: final_scores.png had bars and legend entries for both "head (n=2)" and
+    # "linear probe (control) (n=2)", the same numbers twice.
+    from continual_rpt.plots import plot_final_scores
+    from continual_rpt.report import compare
+
+    out = tmp_path / "report"
+    table = compare(_bank_runs(tmp_path, probe_equals_head), out)
+    labels = _legend_labels(plot_final_scores(table, ["CB", "COPA", "RTE"], out))
+    probe_shown = any(label.startswith("linear probe (control)") for label in labels)
+    assert probe_shown != probe_equals_head, labels
+    assert len(labels) == len(set(labels)) == (4 if probe_shown else 3)
+    note = "The linear probe (control) has exactly the scores of method head; it is shown once, as head."
+    assert (note in (out / "comparison.md").read_text()) == probe_equals_head
+
+
+def test_bank_methods_draw_no_flat_lines_and_the_report_says_so(tmp_path):
+    # Checked to fail before this change: score_along_stream.png drew rpt's and head's flat lines, and comparison.md said nothing.
+    from test_report import write_run
+
+    from continual_rpt.plots import plot_along_stream
+    from continual_rpt.report import compare, mean_matrices
+
+    runs = _bank_runs(tmp_path, False)
+    out = tmp_path / "report"
+    compare(runs, out)
+    assert not (out / "score_along_stream.png").exists()
+    assert "score_along_stream.png is not drawn: no method's task scores change" in (out / "comparison.md").read_text()
+    forgets = write_run(tmp_path / "pt-0", "pt", 0, [[60, None, None], [50, 55, None], [40, 50, 30]])
+    compare([*runs, forgets], out)
+    assert "score_along_stream.png leaves out rpt, head: no task's score changes" in (out / "comparison.md").read_text()
+    fig = plot_along_stream({"rpt": mean_matrices([_metrics(runs[0])]), "pt": mean_matrices([_metrics(forgets)])}, ["CB", "COPA", "RTE"], out)
+    assert _legend_labels(fig) == ["pt"]
+    assert {line.get_label() for ax in fig.axes for line in ax.get_lines()} == {"pt"}
+
+
+def _metrics(folder):
+    import json
+
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_the_final_scores_legend_fits_in_the_saved_figure(tmp_path):
+    # Checked to fail before this change (one legend row, as before): the legend ran 700 px past both edges of the figure.
+    from test_report import write_run
+
+    from continual_rpt.plots import plot_final_scores
+    from continual_rpt.report import compare
+
+    runs = [write_run(tmp_path / f"{method}-0", method, 0, [[60, None, None], [50, 55 + k, None], [40, 50, 30 + k]])
+            for k, method in enumerate(["rpt", "pt", "pt-mlp", "deep-rpt", "deep-pt"])]
+    out = tmp_path / "report"
+    table = compare(runs, out)
+    table["method"] = [f"{m} with a long descriptive label" for m in table["method"]]
+    fig = plot_final_scores(table, ["CB", "COPA", "RTE"], out)
+    (legend,) = fig.legends
+    box, inside = legend.get_window_extent(), fig.bbox
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (box, inside)
+    assert len(_legend_labels(fig)) == 5
