@@ -200,11 +200,15 @@ def cmd_bank(args: argparse.Namespace) -> int:
         print(f"added route state to {len(done)} entries of {args.bank}: {', '.join(done)}")
         return 0
     if args.bank_command == "ls":
-        print(f"{'task':<16}{'method':<8}{'tokens':>7}{'test':>8}  backbone")
-        for name in bank.tasks():
-            entry = bank.get(name)
+        entries = [(name, bank.get(name)) for name in bank.tasks()]
+        # Columns as wide as their longest value plus two, so linear-probe, deep-rpt and long task names stay aligned.
+        task_width = max([4, *(len(name) for name, _ in entries)]) + 2
+        method_width = max([6, *(len(entry.meta["method"]) for _, entry in entries)]) + 2
+        print(f"{'task':<{task_width}}{'method':<{method_width}}{'tokens':>7}{'test':>8}  backbone")
+        for name, entry in entries:
             m = entry.meta
-            print(f"{name:<16}{m['method']:<8}{m['prompt_tokens']:>7}{entry.metrics.get('test_score', float('nan')):>8.1f}  {m['backbone']['name']}")
+            print(f"{name:<{task_width}}{m['method']:<{method_width}}{m['prompt_tokens']:>7}"
+                  f"{entry.metrics.get('test_score', float('nan')):>8.1f}  {m['backbone']['name']}")
         return 0
     if args.bank_command == "show":
         from continual_rpt.strategies.base import shown_meta

@@ -163,3 +163,26 @@ def test_the_final_scores_legend_fits_in_the_saved_figure(tmp_path):
     box, inside = legend.get_window_extent(), fig.bbox
     assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (box, inside)
     assert len(_legend_labels(fig)) == 5
+
+
+def test_bank_ls_aligns_long_task_and_method_names(tmp_path, capsys):
+    # Checked to fail before this change: columns 16 and 8 wide, so "linear-probe" and a 20-letter task name pushed
+    # their rows' later columns right of the header's.
+    import torch
+
+    from continual_rpt.bank import Entry, PromptBank
+    from continual_rpt.cli import main
+
+    bank = PromptBank.open(tmp_path / "bank", create=True)
+    for name, method, tokens in [("CB", "rpt", 10), ("a_very_long_task_name", "linear-probe", 0), ("RTE", "deep-rpt", 100)]:
+        meta = {"task": name, "method": method, "prompt_tokens": tokens, "backbone": {"name": "embedded"}}
+        bank.add(name, Entry(torch.zeros(max(tokens, 1), 4), None, meta, {}, {"test_score": 50.0}))
+    capsys.readouterr()
+    assert main(["bank", "ls", str(tmp_path / "bank")]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 3
+    columns = {word: header.index(word) for word in ("method", "tokens", "test", "backbone")}
+    for row, (name, method) in zip(rows, [("CB", "rpt"), ("a_very_long_task_name", "linear-probe"), ("RTE", "deep-rpt")]):
+        assert row.startswith(name) and row[columns["method"]:].startswith(method + " "), (header, row)
+        assert row[columns["backbone"]:] == "embedded", (header, row)
+        assert row[columns["tokens"] + len("tokens") - 1] != " " and row[columns["test"] + len("test") - 1] == "0", (header, row)
