@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from continual_rpt import __version__
-from continual_rpt.cli_args import add_config_options, train_configs
+from continual_rpt.cli_args import add_config_options, config_from_args, train_configs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,8 +114,7 @@ def add_serve_parser(commands) -> None:
                        help="how rows without a task are routed (see continual_rpt.routing)")
     serve.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
     serve.add_argument("--device", default="cpu", help="torch device")
-    for f in dataclasses.fields(Limits):
-        serve.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    add_config_options(serve, Limits, "limits", recipe=False)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -294,12 +293,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from continual_rpt.serving.limits import Limits
 
     PromptBank.open(args.bank)  # a folder that is not a bank is one line here, not a traceback in every worker
+    limits = config_from_args(Limits, args)  # a bad limit is one line here too
     try:
         from continual_rpt.serving.app import serve
     except ImportError as err:
         raise ValueError(f"crpt serve needs the serve extra: pip install 'continual-rpt[serve]' ({err})") from err
     serve(args.bank, args.host, args.port, args.workers, backbone=args.backbone, device=args.device, router=args.router,
-          **{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+          **dataclasses.asdict(limits))
     return 0
 
 

@@ -107,6 +107,11 @@ def test_an_option_not_given_leaves_the_recipe_and_the_defaults(superglue_dir):
     _, spec = train_configs(parser.parse_args(["train", "--task", "CB", "--out", "x", "--no-per-token", "--bf16"]))
     assert spec.prompt.per_token is False and spec.train.bf16 is True
 
+    from continual_rpt.cli_args import config_from_args
+    from continual_rpt.serving.limits import Limits
+
+    assert config_from_args(Limits, parser.parse_args(["serve", "b", "--max-batch", "8"])) == Limits(max_batch=8)  # crpt serve's too
+
 
 def test_a_bad_option_value_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
