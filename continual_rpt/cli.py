@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from continual_rpt.prompts import PromptConfig
     from continual_rpt.strategies import METHODS as STRATEGY_METHODS
     from continual_rpt.streams import DataConfig
+    from continual_rpt.tracking import REPORT_TO
 
     parser = argparse.ArgumentParser(prog="crpt", description="Continual learning with residual prompt tuning.")
     parser.add_argument("--version", action="version", version=f"continual-rpt {__version__}")
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", required=True, help="SuperGLUE task: BoolQ, CB, COPA, MultiRC, ReCoRD, RTE, WiC, WSC")
     train.add_argument("--out", required=True, type=Path, help="output folder (must not exist yet)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    train.add_argument("--report-to", default="none", choices=REPORT_TO, help="log losses, learning rates and scores to this tracker (default: none)")
+    train.add_argument("--logging-dir", type=Path, default=Path("runs"), help="folder for --report-to tensorboard's files (default: runs)")
     add_config_options(train, DataConfig, "data")
     add_config_options(train, BackboneConfig, "backbone", recipe=False)  # the recipe is chosen by the backbone
     add_config_options(train, PromptConfig, "prompt")
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="override every task's data folder (SuperGLUE files, or the CL benchmark layout)")
     run.add_argument("--backbone", help="override the stream's backbone (hub id or folder)")
     run.add_argument("--device", help="override the torch device, e.g. cuda")
+    run.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="override every task's bf16 (default: each task's setting; "
+                                                                          "unset there, bf16 where the device computes it natively)")
+    run.add_argument("--report-to", default="none", choices=REPORT_TO, help="log losses, learning rates, scores and the accuracy matrix to "
+                                                                          "this tracker (default: none; tensorboard writes to OUT/tracking)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
     compare = commands.add_parser("compare", help="compare finished runs of one stream: table (mean ± std over seeds) and plots")
@@ -119,7 +126,7 @@ def add_serve_parser(commands) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
-    from continual_rpt import distributed
+    from continual_rpt import distributed, tracking
     from continual_rpt.learner import train_task
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
     from continual_rpt.strategies.base import entry_for
@@ -132,10 +139,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {method!r} learns a stream of tasks: use crpt run STREAM --method {method}; "
                          f"crpt train takes {', '.join(SINGLE_TASK_METHODS)}")
     backbone_cfg, spec = train_configs(args)
+    tracking.check_report_to(args.report_to)
     data = load_data(spec, Path.cwd())
     backbone = backbone_cfg.load()
     rank, _ = distributed.setup()
-    trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
+    config = {"backbone": dataclasses.asdict(backbone_cfg), "prompt": dataclasses.asdict(spec.prompt), "train": dataclasses.asdict(spec.train)}
+    with tracking.session(args.report_to, args.logging_dir, spec.name, config):
+        trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
+        tracking.log({f"{spec.name}/test/{k}": v for k, v in trained.metrics["test"].items()})
     if rank != 0:  # under `accelerate launch` every process holds the same result; one writes it
         return 0
     entry_for(spec, data, backbone, backbone_cfg, trained).save_pretrained(args.out, overwrite=False)
@@ -159,10 +170,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for spec in stream.tasks:
         if args.seed is not None:
             spec.train = dataclasses.replace(spec.train, seed=args.seed)
+        if args.bf16 is not None:
+            spec.train = dataclasses.replace(spec.train, bf16=args.bf16)
     if args.device:
         stream.backbone = dataclasses.replace(stream.backbone, device=args.device)
     try:
-        metrics = run_stream(stream, args.out, resume=args.resume, progress=args.progress)
+        metrics = run_stream(stream, args.out, resume=args.resume, progress=args.progress, report_to=args.report_to)
     except KeyboardInterrupt:
         print(f"\ncrpt: interrupted; finished tasks are in {args.out}/bank. Continue with: crpt run {args.stream} --out {args.out} --resume",
               file=sys.stderr)

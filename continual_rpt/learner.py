@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from continual_rpt import distributed
+from continual_rpt import distributed, tracking
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches, predict_features
 from continual_rpt.faults import kill_point
@@ -46,7 +46,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate dev every this many steps (0: once per epoch)"})
     patience: int = field(default=3, metadata={"help": "stop after this many dev evaluations without improvement (0: never)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the backbone and the head's matmul (P, Φ and the head's weights stay fp32)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the backbone and the head's matmul (P, Φ and the "
+                                                       "head's weights stay fp32); unset: bf16 where the device computes it natively (a GPU "
+                                                       "that does, a CPU with avx512_bf16 or amx_bf16), else fp32"})
     seed: int = field(default=0, metadata={"help": "seed of the prompt initialisation, head and data order"})
 
     def __post_init__(self) -> None:
@@ -66,6 +68,10 @@ class TrainConfig:
             if not (math.isfinite(value) and 0 <= value <= 1e30) or (name in ("lr", "head_lr") and value == 0):
                 low = "(0" if name in ("lr", "head_lr") else "[0"
                 raise ValueError(f"{name}: must be a finite number in {low}, 1e30], got {value}")
+
+    def on(self, backbone: Backbone) -> TrainConfig:
+        """This config with an unset `bf16` decided by the backbone's hardware (Backbone.native_bf16): what trains and is stored."""
+        return self if self.bf16 is not None else replace(self, bf16=backbone.native_bf16)
 
 
 class TrainingDiverged(RuntimeError):
@@ -125,13 +131,13 @@ def make_optimizer(prompt: ResidualPrompt | None, heads: list[nn.Module | None],
     """AdamW over P (lr), Φ (phi_lr or lr; both with weight decay) and the heads (head_lr, no weight decay); never the backbone."""
     groups = []
     if prompt is not None:
-        groups.append({"params": [prompt.prompt], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        groups.append({"name": "prompt", "params": [prompt.prompt], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         phi = [p for p in prompt.parameters() if p is not prompt.prompt]
         if phi:
-            groups.append({"params": phi, "lr": cfg.phi_lr or cfg.lr, "weight_decay": cfg.weight_decay})
+            groups.append({"name": "phi", "params": phi, "lr": cfg.phi_lr or cfg.lr, "weight_decay": cfg.weight_decay})
     head_params = [p for h in heads if h is not None for p in h.parameters()]
     if head_params:
-        groups.append({"params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
+        groups.append({"name": "head", "params": head_params, "lr": cfg.head_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, eps=1e-8)
 
 
@@ -267,6 +273,7 @@ def _fit(
     for data in datas:
         if not data.train or not data.dev:
             raise ValueError(f"{data.task.name}: train and dev splits must both be non-empty")
+    cfg = cfg.on(backbone)
     if prompt is None and prompt_cfg.uses_prompt:
         prompt = build_prompt(backbone, prompt_cfg, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -311,7 +318,9 @@ def _fit(
             applied, loss = train_step(backbone, prompt, heads[t], [train[t][i] for i in local], optimizer, cfg.bf16,
                                        context, len(batch_ids))
             skipped += not applied
+            rates = {f"{names}/lr/{group['name']}": group["lr"] for group in optimizer.param_groups}  # the rates this step used
             schedule.step()
+            tracking.step_done(rates if loss is None else {f"{names}/train_loss": loss, **rates})
             running += [] if loss is None else [loss]
             step += 1
             seen += len(batch_ids)
@@ -326,6 +335,8 @@ def _fit(
                                 "dev_score": score if math.isfinite(score) else None})
                 running = []
                 bar.set_postfix(loss=f"{loss_mean:.3f}", dev=f"{score:.1f}")
+                if math.isfinite(score):
+                    tracking.log({f"{names}/dev_score": score})
                 if rank == 0:
                     log_evaluation(f"{names} ({prompt_cfg.method})", history[-1], seen / train_seconds, time.perf_counter() - start)
             if best.stop:

@@ -1,7 +1,7 @@
 """Learn a stream of tasks into a prompt bank, evaluating every task seen so far after each one.
 
 A run folder holds:
-    stream.json           the resolved stream (every default filled in)
+    stream.json           the resolved stream (every default filled in; device and bf16 as asked: the entries say what auto chose)
     bank/                 the prompt bank, one collapsed entry per finished task
     state.json            the accuracy-matrix rows finished so far (what --resume continues from)
     accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
@@ -10,6 +10,7 @@ A run folder holds:
     metrics.json          average score, forgetting, backward transfer, per-task details (final score's 95% CI)
     bootstrap.json        each task's final score on 1000 bootstrap resamples of its test set (paired comparisons)
     log.txt               what happened, with times
+    tracking/             TensorBoard event files, with --report-to tensorboard
 
 Each step is written atomically, so an interrupted run (Ctrl-C, kill) resumes with the first
 unfinished task and leaves finished entries untouched.
@@ -29,10 +30,12 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from continual_rpt.atomic import is_temp_name, replace_file, replace_json
+from continual_rpt.backbones import check_device, device_bf16
 from continual_rpt.bank import PromptBank
 from continual_rpt.controls import control_fields, reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
+from continual_rpt import tracking
 from continual_rpt.faults import kill_point
 from continual_rpt.learner import log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
@@ -42,6 +45,7 @@ from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
 
 STREAM_FILE, STATE_FILE, BANK_DIR, BOOTSTRAP_FILE = "stream.json", "state.json", "bank", "bootstrap.json"
+TRACKING_DIR = "tracking"  # what --report-to tensorboard writes
 
 
 class RunError(ValueError):
@@ -59,7 +63,7 @@ def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
         stored.setdefault("baseline", dataclasses.asdict(BaselineConfig()))  # runs made before the key existed used these
         stored.setdefault("controls", True)
         config = json.loads(json.dumps(config))  # as stored: tuples become lists
-        if stored != config:
+        if stored != config and _decided(stored) != _decided(config):
             differing = [k for k in config if stored.get(k) != config[k]]
             raise RunError(f"{stored_path}: the run was started with another stream configuration "
                            f"(differs in: {', '.join(differing)}); resume with the same stream and options")
@@ -69,6 +73,15 @@ def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
     if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE and not is_temp_name(p.name) for p in out.iterdir())):
         raise RunError(f"{out} exists and is not a run folder; choose another --out")
     return {"rows": [], "seconds": {}}
+
+
+def _decided(config: dict) -> dict:
+    """A stream configuration with device `auto` and unset bf16 as this machine decides them: runs started before
+    these defaults stored decided values (device cpu, bf16 true), and resume where those are what auto picks here."""
+    device = check_device(config["backbone"]["device"])
+    tasks = [{**t, "train": {**t["train"], "bf16": device_bf16(device) if t["train"]["bf16"] is None else t["train"]["bf16"]}}
+             for t in config["tasks"]]
+    return {**config, "backbone": {**config["backbone"], "device": str(device)}, "tasks": tasks}
 
 
 class _LogFile(logging.FileHandler):
@@ -116,7 +129,7 @@ def _hub_bars(shown: bool):
             hf_logging.enable_progress_bar()
 
 
-def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True, report_to: str = "none") -> dict:
     """Learn the stream's tasks in order into `out`/bank and return the run's metrics.
 
     What can refuse the run (the folder, every task's data, the backbone and its device) is checked
@@ -130,6 +143,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         if existed:  # perhaps a folder a live run is writing: fail before any work
             held.enter_context(locked(out, remove=True))
         _check_run(stream, out, resume)
+        tracking.check_report_to(report_to)
         # Every task's data, all splits, and the backbone: a bad file or device fails now, with nothing written.
         data: dict[str, TaskData] = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
         backbone = stream.backbone.load()
@@ -141,7 +155,9 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         if not (out / STREAM_FILE).is_file():
             replace_json(out / STREAM_FILE, stream.resolved())
         held.enter_context(_training_lines(_logger(out)))
-        return _learn(stream, out, state, data, backbone, progress)
+        held.enter_context(tracking.session(report_to, out / TRACKING_DIR, stream.name, stream.resolved()))
+        # stream.json keeps what was asked (bf16 unset: auto), so a resume compares like with like; entries store what ran.
+        return _learn(stream.on(backbone), out, state, data, backbone, progress)
 
 
 def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], backbone, progress: bool) -> dict:
@@ -153,6 +169,8 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
                            f"({', '.join(data[name].files)}); restore them, or start a new run")
     log = _logger(out)
     log.info("%s stream %s (%d tasks), %d finished", "resume" if state["rows"] else "start", stream.name, len(stream.tasks), len(state["rows"]))
+    precisions = sorted({"bf16" if t.train.bf16 else "fp32" for t in stream.tasks})
+    log.info("device %s (asked: %s), precision %s", backbone.device, stream.backbone.device, "/".join(precisions))
     for name, d in data.items():
         for origin, count in d.skipped.items():
             log.info("%s: skipped %d rows of %s whose label names no class", name, count, origin)
@@ -186,12 +204,16 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
             state.setdefault("controls", {})[spec.name] = reference_scores(backbone, d, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
         state["rows"].append(row)
         replace_json(out / STATE_FILE, state)
+        tracking.log({f"accuracy_matrix/{name}": scores["score"] for name, scores in row.items()})  # row i at the steps so far
         kill_point("run.task-done")
         log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated")
     bar.close()
     strategy.finish(data)
     metrics = summarize(stream, bank, state)
     write_results(out, state, metrics)
+    tracking.log({"average_score": metrics["average_score"], **{f"final_score/{k}": v for k, v in metrics["final_scores"].items()},
+                 **{k: metrics[k] for k in ("forgetting", "backward_transfer") if metrics[k] is not None},
+                 "accuracy_matrix": accuracy_markdown(metrics)})
     log.info("done: average %.2f, forgetting %s", metrics["average_score"], metrics["forgetting"])
     return metrics
 
@@ -218,6 +240,7 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
             "train_seconds": m["wall_seconds"],
             "task_seconds": state["seconds"][name],
             "train_examples_per_second": m["train_examples_per_second"],
+            **{k: entry.meta[k] for k in ("device", "precision") if k in entry.meta},  # what `auto` resolved to (older entries: absent)
             "skipped_rows": sum(entry.meta.get("skipped_rows", {}).values()),
             "final_test_ci": [ci.low, ci.high] if ci else None,
             **control_fields(state.get("controls", {}).get(name, {})),  # best constant answer, linear probe
@@ -285,6 +308,14 @@ def write_results(out: Path, state: dict, metrics: dict) -> None:
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
+
+
+def accuracy_markdown(metrics: dict) -> str:
+    """The accuracy matrix as a Markdown table (what trackers show as text)."""
+    names = metrics["tasks"]
+    lines = ["| after | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_number(v) for v in row) + " |" for name, row in zip(names, metrics["accuracy_matrix"])]
+    return "\n".join(lines)
 
 
 def summary_table(metrics: dict) -> str:

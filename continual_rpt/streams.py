@@ -28,6 +28,8 @@ import dataclasses
 import math
 import os
 import random
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +135,10 @@ class Stream:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     controls: bool = True  # score the best constant answer and a linear probe on every task, beside the method
 
+    def on(self, backbone) -> Stream:
+        """This stream with every task's unset bf16 decided by the backbone's device (TrainConfig.on)."""
+        return dataclasses.replace(self, tasks=[dataclasses.replace(t, train=t.train.on(backbone)) for t in self.tasks])
+
     def resolved(self) -> dict:
         """The whole configuration with every default filled in (saved next to a run)."""
         return {
@@ -156,13 +162,15 @@ def build(cls: type, values: object, where: str, base: object | None = None):
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = typing.get_type_hints(cls)
     current = dataclasses.asdict(base) if base is not None else {}
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"{where}.{key}: unknown key; known keys are {', '.join(fields)}")
-        kind = type(fields[key].default)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        # `bool | None`: None (unset, decided once the device is known) is allowed too
+        kinds = typing.get_args(fields[key]) if isinstance(fields[key], types.UnionType) else (fields[key],)
+        kind = kinds[0]
+        ok = isinstance(value, kinds) and not (kind is int and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             try:
                 value, ok = float(value), True

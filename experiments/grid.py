@@ -137,7 +137,7 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
         override = spec.get("variants", {}).get(variant, {})
         data = grid_data(task, data_dir, {k: v for k, v in opts.items() if k in DATA_KEYS}, override.get("data", {}), seed, spec_path)
         prompt_cfg = PromptConfig(**{**spec.get("prompt", {}), **override.get("prompt", {}), "method": "head" if method == "linear-probe" else method})
-        train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed})
+        train_cfg = TrainConfig(**{**spec.get("train", {}), **opts.get("train", {}), **override.get("train", {}), "seed": seed}).on(backbone)
         common = {"seed": seed, "variant": variant, "torch_threads": torch.get_num_threads(),
                   **constant_fields(data), "train_examples": len(data.train), "pooling": getattr(backbone, "pooling", None),
                   "train_rows": sampled_rows(data.train)["ids"],  # which rows the sample took (uids), to rebuild it

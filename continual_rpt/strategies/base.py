@@ -59,6 +59,7 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
     `context`: the frozen prompts that follow P′ when it answers (Progressive Prompts), so that the
     router's temperature is fitted on the answers the entry gives.
     """
+    spec = dataclasses.replace(spec, train=spec.train.on(backbone))  # an unset bf16 is stored as the device decides it
     meta = {
         "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -74,6 +75,8 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         "prompt_tokens": trained.metrics["prompt_tokens"],
         "prompt_shape": None if trained.prompt is None else list(trained.prompt.shape),  # [n, d], or [L, n, d] deep
         "dtype": "float32",
+        "device": str(backbone.device),  # what device `auto` chose, and the precision it trained and scores in
+        "precision": "bf16" if spec.train.bf16 else "fp32",
         "data_files": data.files,
         "skipped_rows": data.skipped,  # rows dropped because their label names no class, per file
         "train_rows": sampled_rows(data.train),  # which rows of data_files the (few-shot) sample took, by id
