@@ -205,7 +205,9 @@ def mahalanobis_distances(x: Tensor | list[Tensor], states: list[dict[str, Tenso
 
 def route_features(x: Tensor | list[Tensor], states: list[dict[str, Tensor]], router: str,
                    allowed: Tensor | None = None, precision: Tensor | None = None) -> tuple[list[int], list[float]]:
-    """Index of the chosen state for every input, and its routing score (posterior, or cosine).
+    """Index of the chosen state for every input, and its routing score: mahalanobis, the winner's share of the softmax
+    of −½ squared distance over the allowed states (a Gaussian posterior with equal priors, at no fitted temperature: not
+    calibrated: high on wrong routes too); prototype, its cosine similarity in [−1, 1].
 
     `x` as for `mahalanobis_distances`; `allowed` [N, T] (bool) leaves out the states an example cannot
     go to (an entry that cannot read it); `precision` as for `mahalanobis_distances`.
@@ -251,7 +253,8 @@ def answerable(kinds: list[str], examples: list[Example]) -> Tensor:
 
 @dataclass
 class Routed:
-    """One example routed: the entry chosen, how sure the router is, and that entry's answer."""
+    """One example routed: the entry chosen, the router's score for it (`route_features`; the confidence router's is
+    `confidence`: a ranking of inputs, not a probability that the route is right), and that entry's answer."""
 
     task: str
     routing_score: float
