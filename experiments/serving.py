@@ -1,27 +1,37 @@
 """Serving benchmark (issue 27): `crpt serve` on loopback against the in-process mixed-batch path and PEFT.
 
-On a finished run's bank, the raw rows of its tasks' test halves (labels dropped), dealt round-robin
-so no two neighbouring requests share a task, are answered:
-    in-process   `mixed_option_scores` over all rows, batches of 64 (experiments/mixed_batches.py's
-                 method: forward passes only, the ceiling) and with tokenisation timed too; and each
-                 row alone, tokenised and forwarded (the single in-process forward of a row)
-    servers      `crpt serve` in its own process, driven by an httpx.AsyncClient at concurrency
-                 1, 8, 32 with requests of 1 row and of 8 rows of one task: mixed-task batching,
-                 the same server batching each task separately, and one request at a time (max batch 1)
-    load         N requests at concurrency 32, 10% malformed (unknown task, missing fields, broken
-                 JSON, too many rows, rows not a list), a quarter of the good ones routed (task null):
-                 every status counted, every answer compared with `crpt bank predict` on the same rows
+On a finished run's bank, the raw rows of its tasks' test halves (labels dropped) are sent in
+requests of one task each, the tasks taking turns (an equal share of rows per task, cycled), and answered:
+    in-process   the rows the 8-row settings send, in mixed batches of 64 (`mixed_option_scores`,
+                 experiments/mixed_batches.py's method: the ceiling), forward passes alone and with
+                 tokenisation; the rows the 1-row settings send, in the order sent, cut into batches
+                 of 64 as a busy server collects them and answered as one mixed forward each, one
+                 forward per task, or length-sorted mixed forwards of 8 (with the padded token
+                 positions of each); and each of those rows alone (the single in-process forward)
+    servers      a server in its own process, driven by an httpx.AsyncClient at concurrency 1, 8, 32
+                 with requests of 1 row and of 8: `crpt serve` (mixed-task batches, one forward each);
+                 its app answering each task of a collected batch in a forward of its own (per-task
+                 batching); its app cutting each collected batch into length-sorted mixed forwards of
+                 8 rows (ServedBank's batch_size); and `crpt serve --max-batch 1` at concurrency 1
+    load         N requests to `crpt serve` at concurrency 32, 10% malformed (unknown task, missing
+                 fields, broken JSON, too many rows, rows not a list), a quarter of the good ones
+                 routed (task null): every status counted, every answer compared with `crpt bank
+                 predict`'s on the same row; N is 20,000 or what --load-seconds allows at the time
+                 per request measured just before
     hot-add      the bank without WSC served from a copy in --work; WSC (then copies of it under new
                  names) added by the library's writer (PromptBank.add, what `crpt run` calls) while a
                  client polls for it: seconds from bank.json's new mtime to the first answer
     peft         a tiny random GPT-2 (tests/conftest.py's) trained on the same five tasks, its entries
                  exported with `crpt bank export --format peft` and loaded into one PeftModel, answered
-                 per-task batch by batch with `set_adapter` between them (experiments/serving_peft.py)
+                 per-task batch by batch with `set_adapter` between them, beside the bank's decoder
+                 path in process and `crpt serve` on that bank (experiments/serving_peft.py)
 Every setting is bounded in requests and seconds; every server is stopped at its end.
 
-    python experiments/serving.py STREAM RUN_FOLDER --out experiments/results/serving [--data-dir DIR]
+    OMP_NUM_THREADS=1 python experiments/serving.py STREAM RUN_FOLDER --out experiments/results/serving [--data-dir DIR]
 
-STREAM and --data-dir as given to `crpt run`. Numbers depend on the machine and on what else runs
+STREAM and --data-dir as given to `crpt run`. One torch thread per process (the servers inherit
+it): on a 2-core machine the client needs the other core, and two OpenMP threads that another
+process keeps descheduled stall each other at every barrier. Numbers depend on the machine and on what else runs
 on it: the CPU, its bf16 flags and the load average at every setting are recorded beside them.
 """
 
@@ -47,7 +57,7 @@ from serving_peft import decoder_bank, peft_vs_ours  # noqa: E402
 
 import continual_rpt  # noqa: E402
 from continual_rpt.cli import main as crpt  # noqa: E402
-from continual_rpt.evaluation import load_answerer, mixed_option_scores  # noqa: E402
+from continual_rpt.evaluation import length_batches, load_answerer, mixed_option_scores  # noqa: E402
 
 BATCH, REPEATS = 64, 3
 CONCURRENCY, SIZES = (1, 8, 32), (1, 8)
@@ -77,65 +87,60 @@ def test_rows(data: dict, names: list[str], per_task: int | None = None) -> list
     return [(name, by_task[name][i]) for i in range(longest) for name in names if i < len(by_task[name])]
 
 
+def featurized(backbone, answerers: list, items: list[tuple[int, object]], max_length: int) -> list:
+    """Each task's rows of `items` ((task index, example)) tokenised together, as one request of it would be, in item order."""
+    out = [None] * len(items)
+    for t, a in enumerate(answerers):
+        mine = [k for k, (owner, _) in enumerate(items) if owner == t]
+        for k, f in [] if not mine else zip(mine, backbone.featurize([items[k][1] for k in mine], max_length - a.prompt.shape[-2])):
+            out[k] = f
+    return out
+
+
 def in_process(bank, backbone, data, names: list[str], rows: list[tuple[str, dict]]) -> dict:
-    """The ceiling: the rows the 8-row settings send, in mixed batches (forward passes alone, and with tokenisation),
-    median of REPEATS after a warm-up batch; and each row the 1-row settings send, alone, tokenised and forwarded."""
+    """The ceiling on the rows the 8-row settings send; the 1-row settings' rows batched as a server collects them; each alone."""
     answerers = [load_answerer(bank, name, backbone) for name in names]
     train = answerers[0].entry.config.get("train", {})
     max_length, bf16 = train.get("max_length", 256), train.get("bf16", True)
-
-    def featurized(items: list[tuple[int, object]]) -> list:
-        """Each task's rows tokenised together, as one request batch of it would be, back in row order."""
-        out = [None] * len(items)
-        for t, a in enumerate(answerers):
-            mine = [k for k, (owner, _) in enumerate(items) if owner == t]
-            for k, f in [] if not mine else zip(mine, backbone.featurize([items[k][1] for k in mine], max_length - a.prompt.shape[-2])):
-                out[k] = f
-        return out
-
-    def plan_items(size: int) -> list[tuple[int, object]]:
-        return [(names.index(task), data[task].test[i]) for task, indexes in request_plan(rows, size, ROWS_PER_SETTING[size]) for i in indexes]
-
-    items = plan_items(8)
-    owners = [t for t, _ in items]
-    mixed_option_scores(backbone, answerers, owners[:BATCH], featurized(items[:BATCH]), BATCH, bf16)  # warm-up
-    tokenise, forward = [], []
+    plan = {size: [(names.index(task), data[task].test[i]) for task, indexes in request_plan(rows, size, ROWS_PER_SETTING[size])
+                   for i in indexes] for size in SIZES}
+    items, owners = plan[8], [t for t, _ in plan[8]]
+    mixed_option_scores(backbone, answerers, owners[:BATCH], featurized(backbone, answerers, items[:BATCH], max_length), BATCH, bf16)
+    tokenise, forward = [], []  # the warm-up above; then mixed_batches.py's measure, tokenisation timed apart
     for _ in range(REPEATS):
         start = time.perf_counter()
-        features = featurized(items)
+        features = featurized(backbone, answerers, items, max_length)
         tokenise.append(time.perf_counter() - start)
         mixed_option_scores(backbone, answerers, owners, features, BATCH, bf16)
         forward.append(time.perf_counter() - start - tokenise[-1])
-    arrival = plan_items(1)  # the 1-row settings' rows in the order they are sent: what a server's batches hold
-    arrival_features = featurized(arrival)
+    arrival = plan[1]  # in the order sent: a busy server's batches hold BATCH consecutive ones
+    features = featurized(backbone, answerers, arrival, max_length)
     chunks = [list(range(k, min(k + BATCH, len(arrival)))) for k in range(0, len(arrival), BATCH)]
     shaped = {"mixed": chunks,
-              "per task": [mine for c in chunks for t in range(len(names)) for mine in [[k for k in c if arrival[k][0] == t]] if mine]}
+              "per task": [mine for c in chunks for t in range(len(names)) for mine in [[k for k in c if arrival[k][0] == t]] if mine],
+              f"mixed, forwards of {FORWARD_BATCH}": [[c[i] for i in b] for c in chunks
+                                                      for b in length_batches([features[k] for k in c], FORWARD_BATCH)]}
     slots = max(a.prompt.shape[-2] for a in answerers)
-    padded = {mode: padded_tokens(backbone, [[arrival_features[k] for k in b] for b in batches], [slots] * len(batches))
+    padded = {mode: padded_tokens(backbone, [[features[k] for k in b] for b in batches], [slots] * len(batches))
               for mode, batches in shaped.items()}
-    seconds = {mode: [] for mode in [*shaped, f"mixed, forwards of {FORWARD_BATCH}"]}
-    for _ in range(REPEATS):  # the modes take turns, so the machine's load falls on both alike
+    seconds: dict = {mode: [] for mode in shaped}
+    for _ in range(REPEATS):  # the modes take turns, so the machine's load falls on all alike
         for mode, batches in shaped.items():
             start = time.perf_counter()
             for b in batches:
-                mixed_option_scores(backbone, answerers, [arrival[k][0] for k in b], [arrival_features[k] for k in b], BATCH, bf16)
+                mixed_option_scores(backbone, answerers, [arrival[k][0] for k in b], [features[k] for k in b], BATCH, bf16)
             seconds[mode].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for b in chunks:
-            mixed_option_scores(backbone, answerers, [arrival[k][0] for k in b], [arrival_features[k] for k in b], FORWARD_BATCH, bf16)
-        seconds[f"mixed, forwards of {FORWARD_BATCH}"].append(time.perf_counter() - start)
     single = []
     for item in arrival:
         start = time.perf_counter()
-        mixed_option_scores(backbone, answerers, [item[0]], featurized([item]), 1, bf16)
+        mixed_option_scores(backbone, answerers, [item[0]], featurized(backbone, answerers, [item], max_length), 1, bf16)
         single.append(time.perf_counter() - start)
     single.sort()
-    n = len(items)
-    return {"rows": n, "batch": BATCH, "bf16": bf16, "repeats": REPEATS, "forward_rows_per_s": n / statistics.median(forward),
-            "tokenised_rows_per_s": n / statistics.median([f + t for f, t in zip(forward, tokenise)]),
+    return {"rows": len(items), "batch": BATCH, "bf16": bf16, "repeats": REPEATS,
+            "forward_rows_per_s": len(items) / statistics.median(forward),
+            "tokenised_rows_per_s": len(items) / statistics.median([f + t for f, t in zip(forward, tokenise)]),
             "batches_of_arrival": {"rows": len(arrival), "batch": BATCH, "padded_token_positions": padded,
-                                   "real_token_positions": sum(f.length + slots for f in arrival_features),
+                                   "real_token_positions": sum(f.length + slots for f in features),
                                    "rows_per_s": {mode: len(arrival) / statistics.median(v) for mode, v in seconds.items()}},
             "single_row_ms": {"rows": len(single), "p50": 1000 * percentile(single, 50), "p99": 1000 * percentile(single, 99)},
             "load_average": load_average()}
