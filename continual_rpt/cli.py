@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how rows are routed without --task (see continual_rpt.routing)")
     pred.add_argument("--output", type=Path, help="JSONL file to write (default: standard output)")
     pred.add_argument("--backbone", help="backbone to load instead of the one the entry names (must have the same weights)")
-    pred.add_argument("--device", default="cpu", help="torch device")
+    pred.add_argument("--device", default="auto", help="torch device (default: auto, cuda where there is one, else cpu)")
     pred.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                       help="score in bf16 where each entry was evaluated so; --no-bf16: in fp32 (route features keep each "
                            "entry's recorded precision)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--data-dir", help="folder of the SuperGLUE or CL benchmark files the entries trained on (default: as they recorded)")
     index.add_argument("--base-dir", type=Path, help="folder that custom tasks' relative paths start from (default: the working directory)")
     index.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
-    index.add_argument("--device", default="cpu", help="torch device")
+    index.add_argument("--device", default="auto", help="torch device (default: auto, cuda where there is one, else cpu)")
     add = bank_commands.add_parser("add", help="add an entry folder written by `crpt train --out` to a bank as a new entry")
     add.add_argument("bank", type=Path, help="bank folder (created if missing)")
     add.add_argument("entry", type=Path, help="the folder `crpt train --out` wrote")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", help="the task's data: its training inputs give the entry route state (default: none, not routed to)")
     imp.add_argument("--max-length", type=int, default=256, help="longest input, prompt included")
     imp.add_argument("--backbone", help="base model to load instead of the adapter's base_model_name_or_path (same weights)")
-    imp.add_argument("--device", default="cpu", help="torch device")
+    imp.add_argument("--device", default="auto", help="torch device (default: auto, cuda where there is one, else cpu)")
     add_serve_parser(commands)
     return parser
 
@@ -120,7 +120,7 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--router", default="mahalanobis", choices=["mahalanobis", "prototype", "confidence"],
                        help="how rows without a task are routed (see continual_rpt.routing)")
     serve.add_argument("--backbone", help="backbone to load instead of the one the entries name (must have the same weights)")
-    serve.add_argument("--device", default="cpu", help="torch device")
+    serve.add_argument("--device", default="auto", help="torch device (default: auto, cuda where there is one, else cpu)")
     add_config_options(serve, Limits, "limits", recipe=False)
 
 
