@@ -128,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
     from continual_rpt import distributed, tracking
     from continual_rpt.learner import train_task
+    from continual_rpt.run import hub_bars
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
     from continual_rpt.strategies.base import entry_for
     from continual_rpt.streams import load_data
@@ -141,7 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     backbone_cfg, spec = train_configs(args)
     tracking.check_report_to(args.report_to)
     data = load_data(spec, Path.cwd())
-    backbone = backbone_cfg.load()
+    with hub_bars(args.progress):
+        backbone = backbone_cfg.load()
     rank, _ = distributed.setup()
     config = {"backbone": dataclasses.asdict(backbone_cfg), "prompt": dataclasses.asdict(spec.prompt), "train": dataclasses.asdict(spec.train)}
     with tracking.session(args.report_to, args.logging_dir, spec.name, config):

@@ -117,7 +117,7 @@ def _training_lines(log: logging.Logger):
 
 
 @contextmanager
-def _hub_bars(shown: bool):
+def hub_bars(shown: bool):
     """transformers' own bars ("Loading weights", the hub's downloads) shown only with the run's progress bars."""
     was_shown = hf_logging.is_progress_bar_enabled()
     if not shown:
@@ -139,7 +139,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     out = Path(out)
     existed = out.is_dir()
     with ExitStack() as held:
-        held.enter_context(_hub_bars(progress))
+        held.enter_context(hub_bars(progress))
         if existed:  # perhaps a folder a live run is writing: fail before any work
             held.enter_context(locked(out, remove=True))
         _check_run(stream, out, resume)

@@ -186,3 +186,15 @@ def test_bank_ls_aligns_long_task_and_method_names(tmp_path, capsys):
         assert row.startswith(name) and row[columns["method"]:].startswith(method + " "), (header, row)
         assert row[columns["backbone"]:] == "embedded", (header, row)
         assert row[columns["tokens"] + len("tokens") - 1] != " " and row[columns["test"] + len("test") - 1] == "0", (header, row)
+
+
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_crpt_train_shows_the_weight_loading_bar_only_with_progress(tmp_path, tiny_bert_dir, superglue_dir, progress):
+    # Checked to fail before this change: `crpt train --no-progress` printed transformers' "Loading weights: 100%|…" bar.
+    # --progress is the control: the same command shows it, so its absence is the flag's doing.
+    proc = subprocess.run([sys.executable, "-m", "continual_rpt", "train", "--task", "CB", "--data-dir", str(superglue_dir),
+                           "--backbone", str(tiny_bert_dir), "--k-per-class", "2", "--epochs", "1", "--max-length", "96",
+                           "--no-bf16", "--out", str(tmp_path / "cb"), progress],
+                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("Loading weights" in proc.stderr) == (progress == "--progress"), proc.stderr[-2000:]
