@@ -64,6 +64,7 @@ def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
         stored.setdefault("controls", True)
         config = json.loads(json.dumps(config))  # as stored: tuples become lists
         if stored != config and _decided(stored) != _decided(config):
+            stored, config = _decided(stored), _decided(config)  # name only what differs as run on this machine
             differing = [k for k in config if stored.get(k) != config[k]]
             raise RunError(f"{stored_path}: the run was started with another stream configuration "
                            f"(differs in: {', '.join(differing)}); resume with the same stream and options")

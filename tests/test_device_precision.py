@@ -55,9 +55,15 @@ def test_auto_device_and_precision_are_recorded_and_a_killed_run_resumes(tmp_pat
     assert {(t["device"], t["precision"]) for t in per_task.values()} == {(str(device), "bf16" if bf16 else "fp32")}
     assert f"device {device} (asked: auto)" in (run / "log.txt").read_text()
 
+    # A run folder from before these defaults stored them decided (device cpu, bf16 true): it resumes where auto picks
+    # the same (without run._decided it is refused: cpu and true differ from auto and unset as written).
+    decided = [{**t, "train": {**t["train"], "bf16": bf16}} for t in asked["tasks"]]
+    (run / "stream.json").write_text(json.dumps({**asked, "backbone": {**asked["backbone"], "device": str(device)}, "tasks": decided}))
+    assert main(["run", str(stream), "--out", str(run), "--resume", "--no-progress"]) == 0
+
     # stream.json holds what was asked, so a resume asking for something else is refused, naming what differs.
     capsys.readouterr()
-    assert main(["run", str(stream), "--out", str(run), "--resume", "--no-bf16", "--no-progress"]) == 2
+    assert main(["run", str(stream), "--out", str(run), "--resume", "--bf16" if not bf16 else "--no-bf16", "--no-progress"]) == 2
     assert "differs in: tasks" in capsys.readouterr().err
 
 
