@@ -114,6 +114,8 @@ def test_an_option_not_given_leaves_the_recipe_and_the_defaults(superglue_dir):
 
 
 def test_a_bad_option_value_is_one_line_exit_2(capsys):
+    # Passes on main too: guards that the type HfArgumentParser reads from the hint reaches argparse (checked to fail
+    # with the `type` keyword dropped in cli_args, where 'fast' reached TrainConfig as a string).
     with pytest.raises(SystemExit) as stop:
         main(["train", "--task", "CB", "--out", "x", "--head-lr", "fast"])
     assert stop.value.code == 2 and "--head-lr: invalid float value: 'fast'" in capsys.readouterr().err
