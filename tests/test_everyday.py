@@ -47,7 +47,8 @@ def test_published_metrics_equal_scikit_learn(seed):
     ("accuracy+mcc:none", r"metric must be one of"),
 ])
 def test_a_metric_typo_in_a_stream_file_names_the_file_and_key(tmp_path, metric, message):
-    # Checked to fail before this change: every one of these (but "f1") was accepted or failed later, with no file named.
+    # Before this change "f1:favour" failed (the message named no class) and so did "f1" (the list lacked the new metrics);
+    # the last two were refused then too, and must stay refused now that f1:<class> and f1_mean exist.
     task = {"custom": {"name": "stance", "label_names": list(LABELS), "text": "text", "train": "t.csv", "validation": "v.csv",
                        "metric": metric}}
     path = tmp_path / "stream.yaml"
