@@ -58,7 +58,7 @@ def test_a_metric_typo_in_a_stream_file_names_the_file_and_key(tmp_path, metric,
 
 
 def test_a_run_without_progress_bars_logs_each_epoch_and_no_weight_loading_bar(tmp_path, tiny_bert_dir, superglue_dir):
-    # Checked to fail before this change: log.txt held only "start", "learn CB (bank, rpt, n=3)" and "after CB"; stderr
+    # Checked to fail before this change: log.txt held only the "start", "learn CB (bank, rpt, n=3)", "after CB" and "done" lines; stderr
     # held transformers' "Loading weights: 100%|…" bar. Running the same command with --progress prints that bar.
     stream = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"],
                           train={"epochs": 2, "batch_size": 8, "max_length": 96, "bf16": False, "patience": 0})
@@ -77,7 +77,7 @@ def test_a_run_without_progress_bars_logs_each_epoch_and_no_weight_loading_bar(t
 
 
 def test_a_linear_probe_run_logs_no_prompt_tokens(tmp_path, tiny_bert_dir, superglue_dir):
-    # Checked to fail before this change: the line read "learn CB (probe, head, n=10)" for a method with no prompt.
+    # Checked to fail before this change: the line read "learn CB (probe, head, n=3)" (the stream's n_tokens) for a method with no prompt.
     stream = with_method(load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB"], controls=False)), "linear-probe")
     run_stream(stream, tmp_path / "run", progress=False)
     learn = [line for line in (tmp_path / "run" / "log.txt").read_text().splitlines() if " learn CB " in line]
