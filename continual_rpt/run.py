@@ -156,7 +156,7 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
         if not (out / STREAM_FILE).is_file():
             replace_json(out / STREAM_FILE, stream.resolved())
         held.enter_context(_training_lines(_logger(out)))
-        held.enter_context(tracking.session(report_to, out / TRACKING_DIR, stream.name, stream.resolved()))
+        held.enter_context(tracking.session(report_to, out / TRACKING_DIR, stream.name, stream.resolved(), state.get("tracked_steps", 0)))
         # stream.json keeps what was asked (bf16 unset: auto), so a resume compares like with like; entries store what ran.
         return _learn(stream.on(backbone), out, state, data, backbone, progress)
 
@@ -204,6 +204,8 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
             d, cfg = data[spec.name], spec.train
             state.setdefault("controls", {})[spec.name] = reference_scores(backbone, d, cfg.max_length, cfg.seed, cfg.eval_batch_size, cfg.bf16)
         state["rows"].append(row)
+        if tracking.steps() is not None:  # where a resumed run's tracker continues
+            state["tracked_steps"] = tracking.steps()
         replace_json(out / STATE_FILE, state)
         tracking.log({f"accuracy_matrix/{name}": scores["score"] for name, scores in row.items()})  # row i at the steps so far
         kill_point("run.task-done")

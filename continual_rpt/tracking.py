@@ -20,8 +20,8 @@ INSTALL = {"tensorboard": "'continual-rpt[tracking]'", "wandb": "wandb", "mlflow
 class _Open:
     """The tracker of the command that is running, and the training steps it has counted."""
 
-    def __init__(self, accelerator) -> None:
-        self.accelerator, self.step = accelerator, 0
+    def __init__(self, accelerator, step: int) -> None:
+        self.accelerator, self.step = accelerator, step
 
 
 _open: list[_Open] = []  # at most one: set by `session`, read by `step_done` and `log`, so the learner needs no tracker passed down
@@ -57,8 +57,12 @@ def flat(config: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
 
 
 @contextmanager
-def session(report_to: str, folder: Path, run_name: str, config: dict):
-    """While open, `log` and `step_done` report to `report_to` (files under `folder` for TensorBoard); none: a no-op."""
+def session(report_to: str, folder: Path, run_name: str, config: dict, step: int = 0):
+    """While open, `log` and `step_done` report to `report_to` (files under `folder` for TensorBoard); none: a no-op.
+
+    `step`: training steps a resumed run kept (its finished tasks'); counting continues after them, and
+    TensorBoard drops whatever a killed process logged after them (SummaryWriter's purge_step).
+    """
     check_report_to(report_to)
     if report_to == "none":
         yield
@@ -66,13 +70,18 @@ def session(report_to: str, folder: Path, run_name: str, config: dict):
     from accelerate import Accelerator
 
     accelerator = Accelerator(log_with=report_to, project_dir=folder)
-    accelerator.init_trackers(run_name, config=flat(config))
-    _open.append(_Open(accelerator))
+    accelerator.init_trackers(run_name, config=flat(config), init_kwargs={"tensorboard": {"purge_step": step + 1}})
+    _open.append(_Open(accelerator, step))
     try:
         yield
     finally:
         _open.pop()
         accelerator.end_training()
+
+
+def steps() -> int | None:
+    """Training steps the open tracker has counted (None when none is open): where a resumed run continues."""
+    return _open[-1].step if _open else None
 
 
 def step_done(values: dict[str, float]) -> None:

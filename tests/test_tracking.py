@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+from crash import killed
 from test_stream import write_stream
 
 from continual_rpt.bank import PromptBank
@@ -48,6 +49,21 @@ def test_crpt_run_writes_losses_rates_scores_and_the_accuracy_matrix(tmp_path, t
     assert logged["average_score"] == [(first, pytest.approx(metrics["average_score"]))]
     assert logged["forgetting"] == [(first, pytest.approx(metrics["forgetting"]))]
     assert {name: v for name in ("CB", "COPA") for _, v in logged[f"final_score/{name}"]} == pytest.approx(metrics["final_scores"])
+
+
+def test_a_killed_run_resumes_its_tracker_after_the_steps_it_kept(tmp_path, tiny_bert_dir, superglue_dir):
+    # CB and COPA train 2 steps each; the 4th step is COPA's last: its first was logged, then a real SIGKILL.
+    stream, run = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA"]), tmp_path / "run"
+    killed(["run", stream, "--out", run, "--report-to", "tensorboard", "--no-progress"], "train.step@4")
+    run_stream(load_stream(stream), run, resume=True, progress=False, report_to="tensorboard")
+    logged = scalars(run / "tracking" / "tiny")
+    assert [step for step, _ in logged["CB/train_loss"]] == [1, 2]
+    # COPA, trained again, continues after CB's steps, each step once: the killed process's step 3 is dropped.
+    # Fails without state.json's tracked_steps (steps 1, 2 again) and without purge_step (step 3 twice).
+    assert [step for step, _ in logged["COPA/train_loss"]] == [3, 4]
+    losses = [loss for _, loss in logged["COPA/train_loss"]]
+    assert sum(losses) / 2 == pytest.approx(PromptBank.open(run / "bank").get("COPA").metrics["history"][0]["train_loss"], rel=1e-6)
+    assert [step for step, _ in logged["accuracy_matrix/CB"]] == [2, 4]
 
 
 def test_crpt_train_reports_to_tensorboard(tmp_path, tiny_bert_dir, superglue_dir):
