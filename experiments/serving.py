@@ -37,6 +37,7 @@ on it: the CPU, its bf16 flags and the load average at every setting are recorde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -225,10 +226,16 @@ def render(result: dict) -> str:
                   f"one forward per task in each, or sorted by length into mixed forwards of {FORWARD_BATCH} rows: " + ", ".join(f"{mode} {r:.1f} rows/s" for mode, r in shaped["rows_per_s"].items())
                   + f"; padded token positions " + ", ".join(f"{mode} {n:,}" for mode, n in shaped["padded_token_positions"].items())
                   + f" for {shaped['real_token_positions']:,} real ones (prompt slots included).", ""]
-    lines += ["| server | rows per request | concurrency | rows/s | p50 ms | p99 ms | requests | statuses | batches collected (rows each) | load average |",
+    lines += [f"Every setting sends {ROWS_PER_SETTING[1]} rows in 1-row requests or {ROWS_PER_SETTING[8]} in 8-row ones (at "
+              "concurrency 32 that is about one round of 8-row requests: their p99 is nearly the slowest request); the servers "
+              "run side by side and take turns at every setting. p50 / p99 by nearest rank. 'Batches collected' is from the "
+              "server's /metrics (crpt_batch_rows); the per-task server then runs one forward per task of each.", "",
+              "| server | rows per request | concurrency | rows/s | p50 ms | p99 ms | requests | statuses | batches collected (rows each) | load average |",
               "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for key, o in result["settings"].items():
-        mode, size, concurrency = key.split("|")
+    order = list(SERVERS)
+    for key in sorted((k for k in result["settings"] if k.split("|")[0] in order),
+                      key=lambda k: (order.index(k.split("|")[0]), *map(int, k.split("|")[1:]))):
+        o, (mode, size, concurrency) = result["settings"][key], key.split("|")
         lines.append(f"| {mode} | {size} | {concurrency} | {o['rows_per_s']:.1f} | {o['p50_ms']:.1f} | {o['p99_ms']:.1f} | "
                      f"{o['requests']}/{o['requests_planned']} | {o['statuses']} | {o['batches']:.0f} ({o['rows_per_batch']:.1f}) | "
                      f"{o['load_average'][0]:.2f} |")
@@ -250,8 +257,11 @@ def render(result: dict) -> str:
     if "peft" in result:
         peft = result["peft"]
         lines += ["## The PEFT anchor", "", f"{peft['model']}, {peft['rows']} rows, batches of {peft['batch']}, {peft['precision']}, "
-                  f"{peft['prompt_tokens']} prompt tokens. PEFT agrees with the bank on {100 * peft['peft_agrees_with_bank']:.1f}% "
-                  f"of the answers (largest score difference {peft['largest_score_difference']:.2g}).", "",
+                  f"{peft['prompt_tokens']} prompt tokens, median of {peft['repeats']} rounds in which the three in-process paths take "
+                  f"turns. PEFT agrees with the bank on {100 * peft['peft_agrees_with_bank']:.1f}% of the answers (largest score "
+                  f"difference {peft['largest_score_difference']:.2g}). PEFT runs every (row, candidate) sequence whole; the bank's "
+                  "decoder path runs each row's context once and its candidates from the KV cache, so the two differ in work as "
+                  "well as in batching. On a model this small the HTTP stack, not the forward, bounds the server.", "",
                   "| path | rows/s |", "|---|---:|", *(f"| {mode} | {r:.1f} |" for mode, r in peft["rows_per_s"].items()),
                   *(f"| `crpt serve`, concurrency 32, {size}-row requests | {o['rows_per_s']:.1f} |"
                     for key, o in result["settings"].items() if key.startswith("decoder") for size in [key.split("|")[1]]), ""]
@@ -270,7 +280,8 @@ def environment() -> dict:
             "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "httpx": httpx.__version__, "peft": peft.__version__,
             "continual_rpt": continual_rpt.__version__, "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python experiments/serving.py " + " ".join(sys.argv[1:])}
+            "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+            + "python experiments/serving.py " + " ".join(sys.argv[1:])}
 
 
 def main() -> None:
@@ -301,11 +312,15 @@ def main() -> None:
         print(f"in process: {result['in_process']}", flush=True)
     del backbone  # the servers load their own
     if "servers" in sections:
-        for mode, options in SERVERS.items():
-            with free_server(bank.path, args.work / "server.log", *options.get("options", []), variant=options.get("variant")) as url:
+        with contextlib.ExitStack() as servers:  # all up at once (an idle one only stats bank.json), the modes taking
+            urls = {mode: servers.enter_context(free_server(  # turns at every setting, so the machine's load falls on all alike
+                bank.path, args.work / f"server-{k}.log", *options.get("options", []), variant=options.get("variant")))
+                for k, (mode, options) in enumerate(SERVERS.items())}
+            for url in urls.values():
                 drive(url, requests_of(rows, 1, 40), 8)  # warm-up
-                for size in SIZES if mode != "one at a time" else (1,):
-                    for concurrency in CONCURRENCY if mode != "one at a time" else (1,):
+            for size, concurrency in [(size, concurrency) for size in SIZES for concurrency in CONCURRENCY]:
+                for mode, url in urls.items():
+                    if mode != "one at a time" or size == concurrency == 1:
                         report(f"{mode}|{size}|{concurrency}", drive(url, requests_of(rows, size, ROWS_PER_SETTING[size]), concurrency))
     if "load" in sections:
         expected = reference(bank.path, rows, args.work)
