@@ -285,6 +285,7 @@ def environment() -> dict:
 
 
 def main() -> None:
+    """Run the sections asked for, then write serving.json and serving.md to --out."""
     parser = run_parser(__doc__)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "crpt-serving-bench",
                         help="scratch folder for bank copies, the tiny decoder and server logs (never the run's bank)")
