@@ -79,8 +79,8 @@ def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
 def _decided(config: dict) -> dict:
     """A stream configuration with device `auto` and unset bf16 as this machine decides them: runs started before
     these defaults stored decided values (device cpu, bf16 true), and resume where those are what auto picks here."""
-    device = check_device(config["backbone"]["device"])
-    tasks = [{**t, "train": {**t["train"], "bf16": device_bf16(device) if t["train"]["bf16"] is None else t["train"]["bf16"]}}
+    device = check_device(config["backbone"].get("device", "cpu"))  # runs older than the key ran on the cpu
+    tasks = [{**t, "train": {**t["train"], "bf16": device_bf16(device) if t["train"].get("bf16") is None else t["train"]["bf16"]}}
              for t in config["tasks"]]
     return {**config, "backbone": {**config["backbone"], "device": str(device)}, "tasks": tasks}
 
