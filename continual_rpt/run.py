@@ -1,9 +1,10 @@
-"""Learn a stream of tasks into a prompt bank, evaluating every task seen so far after each one.
+"""Learn a stream of tasks into a prompt bank, with every task seen so far scored after each one (bank entries: `scored_once`).
 
 A run folder holds:
     stream.json           the resolved stream (every default filled in; device and bf16 as asked: the entries say what auto chose)
     bank/                 the prompt bank, one collapsed entry per finished task
-    state.json            the accuracy-matrix rows finished so far (what --resume continues from)
+    state.json            the accuracy-matrix rows finished so far (what --resume continues from), each entry's
+                          recorded test answers and checksums, the count of test evaluations
     accuracy_matrix.csv   R[i][j]: test score of task j after learning task i (empty where j > i)
     task_free_matrix.csv  the same with the task not given: every test example routed to an entry (bank strategies)
     routing_matrix.csv    after each task, how many test examples of each task were routed to each entry
@@ -40,6 +41,7 @@ from continual_rpt.faults import kill_point
 from continual_rpt.learner import log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
+from continual_rpt.scored_once import scored_record, still_valid
 from continual_rpt.strategies import make_strategy, method_label, strategy_class
 from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
@@ -62,6 +64,7 @@ def _check_run(stream: Stream, out: Path, resume: bool) -> dict:
         stored = json.loads(stored_path.read_text())
         stored.setdefault("baseline", dataclasses.asdict(BaselineConfig()))  # runs made before the key existed used these
         stored.setdefault("controls", True)
+        stored.setdefault("eval", "once")  # runs older than the key: resumed under today's default
         config = json.loads(json.dumps(config))  # as stored: tuples become lists
         if stored != config and _decided(stored) != _decided(config):
             stored, config = _decided(stored), _decided(config)  # name only what differs as run on this machine
@@ -176,6 +179,13 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
         for origin, count in d.skipped.items():
             log.info("%s: skipped %d rows of %s whose label names no class", name, count, origin)
     strategy = make_strategy(stream, backbone, bank, out)
+    once = stream.eval == "once" and strategy.answers_fixed  # earlier tasks verified by checksum instead of re-scored
+    state["earlier_tasks"] = "verified by checksum" if once else "re-scored"
+    state.setdefault("scored", {})
+    state.setdefault("test_evaluations", sum(map(len, state["rows"])))  # runs older than the count scored every cell
+    state.setdefault("verified_by_checksum", 0)
+    log.info("earlier tasks after each one: %s", "verified by checksum (eval: once; each entry scored on test when learned)"
+             if once else f"re-scored on test (eval: {stream.eval}, strategy {stream.strategy})")
     input_cache: dict = {}  # test inputs' prompt-free features per task and featurization, for routing
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
@@ -185,16 +195,26 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
         start = time.perf_counter()
         tokens = f", {spec.prompt.n_tokens} prompt tokens" if spec.prompt.uses_prompt else ""
         log.info("learn %s (%s, %s%s)", spec.name, stream.strategy, spec.prompt.method, tokens)
-        row, aware = {}, {}
+        row, aware, evaluated, verified = {}, {}, [], []
         if strategy.learn(i, spec, data, progress):
             for seen in stream.tasks[: i + 1]:
-                d = data[seen.name]
-                predictions = aware[seen.name] = strategy.predict(seen.name, d.task, d.test)
-                row[seen.name] = d.task.score(d.test, predictions)
+                d, record = data[seen.name], state["scored"].get(seen.name)
+                if once and still_valid(bank, seen.name, record, backbone):  # its entry as scored: its answers as recorded
+                    row[seen.name], predictions = record["score"], record["predictions"]
+                    verified.append(seen.name)
+                else:
+                    predictions = strategy.predict(seen.name, d.task, d.test)
+                    row[seen.name] = d.task.score(d.test, predictions)
+                    evaluated.append(seen.name)
+                    if once:
+                        state["scored"][seen.name] = scored_record(bank, seen.name, row[seen.name], predictions, backbone)
+                aware[seen.name] = predictions
                 if i == len(stream.tasks) - 1:  # the final scores' resamples, for confidence intervals and paired comparisons
                     state.setdefault("bootstrap", {})[seen.name] = resampled_scores(d.task, d.test, predictions)
                     state.setdefault("test_sets", {})[seen.name] = examples_id(d.test)
         state["seconds"][spec.name] = state["seconds"].get(spec.name, 0.0) + time.perf_counter() - start
+        state["test_evaluations"] += len(evaluated)
+        state["verified_by_checksum"] += len(verified)
         if aware:  # the same tests with the task not given: each example routed to an entry (not in the task's time)
             seen = [t.name for t in stream.tasks[: i + 1]]
             free = task_free_scores(bank, seen, data, backbone, aware, input_cache)  # each entry's own featurization
@@ -209,7 +229,9 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
         replace_json(out / STATE_FILE, state)
         tracking.log({f"accuracy_matrix/{name}": scores["score"] for name, scores in row.items()})  # row i at the steps so far
         kill_point("run.task-done")
-        log.info("after %s: %s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated")
+        how = "; ".join(f"{what}: {', '.join(names)}" for what, names in (("evaluated on test", evaluated), ("verified by checksum", verified)) if names)
+        log.info("after %s: %s%s", spec.name, ", ".join(f"{k} {v['score']:.2f}" for k, v in row.items()) or "not evaluated",
+                 f" ({how})" if how else "")
     bar.close()
     strategy.finish(data)
     metrics = summarize(stream, bank, state)
@@ -273,6 +295,9 @@ def summarize(stream: Stream, bank: PromptBank, state: dict) -> dict:
         "final_scores": {name: R[-1][i] for i, name in enumerate(names)},
         "per_task": per_task,
         "wall_seconds": sum(state["seconds"].values()),
+        "evaluation": {"earlier_tasks": state.get("earlier_tasks", "re-scored"),  # runs older than `eval` re-scored every stage
+                       "test_evaluations": state.get("test_evaluations", sum(map(len, state["rows"]))),
+                       "verified_by_checksum": state.get("verified_by_checksum", 0)},
         **task_free,
         "confidence": f"per-task final_test_ci: {LEVEL:.0%} percentile bootstrap over test examples, {RESAMPLES} resamples (bootstrap.json)",
     }

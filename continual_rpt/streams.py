@@ -6,6 +6,7 @@
     strategy: bank                      # or progressive, shared, multitask, naive, ewc, lwf, replay, agem
     baseline: {ewc_lambda: 1000}        # BaselineConfig: settings of the Avalanche baselines
     controls: true                      # best-constant-answer and linear-probe scores beside the method's
+    eval: once                          # or every: re-score every earlier task after each one, even unchanged bank entries
     data: {k_per_class: 32}            # DataConfig defaults for every task
     prompt: {method: rpt, n_tokens: 10} # PromptConfig defaults
     train: {epochs: 10}                 # TrainConfig defaults
@@ -54,6 +55,7 @@ from continual_rpt.tasks.catalog import CL_LAYOUT, HUB_TASKS, SPLIT_FROM, catalo
 from continual_rpt.tasks.data import utf8_text
 
 SECTIONS = ("data", "prompt", "train")
+EVAL_MODES = ("once", "every")  # the stream's `eval`: earlier tasks verified by checksum, or re-scored
 
 
 @dataclass
@@ -134,6 +136,9 @@ class Stream:
     strategy: str = "bank"
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     controls: bool = True  # score the best constant answer and a linear probe on every task, beside the method
+    # After each task: `once` scores each bank entry on test when it is learned and, later, verifies it by checksum
+    # (an entry never changes); `every` re-scores all of them. Strategies whose model moves re-score either way.
+    eval: str = "once"
 
     def on(self, backbone) -> Stream:
         """This stream with every task's unset bf16 decided by the backbone's device (TrainConfig.on)."""
@@ -148,6 +153,7 @@ class Stream:
             "strategy": self.strategy,
             "baseline": dataclasses.asdict(self.baseline),
             "controls": self.controls,
+            "eval": self.eval,
             "tasks": [
                 {"name": t.name, "task": t.task, "custom": dataclasses.asdict(t.custom) if t.custom else None,
                  **{s: dataclasses.asdict(getattr(t, s)) for s in SECTIONS}}
@@ -201,7 +207,7 @@ def parse_stream(doc: object, where: str, base_dir: Path, data_dir: str | None =
     """A Stream from an already-loaded YAML document; `where` prefixes every error."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: a stream file must be a mapping with 'name' and 'tasks'")
-    known = {"name", "description", "backbone", "strategy", "baseline", "controls", *SECTIONS, "tasks"}
+    known = {"name", "description", "backbone", "strategy", "baseline", "controls", "eval", *SECTIONS, "tasks"}
     for key in doc:
         if key not in known:
             raise ValueError(f"{where}: {key}: unknown key; known keys are {', '.join(sorted(known))}")
@@ -213,6 +219,9 @@ def parse_stream(doc: object, where: str, base_dir: Path, data_dir: str | None =
     controls = doc.get("controls", True)
     if not isinstance(controls, bool):
         raise ValueError(f"{where}: controls: expected true or false, got {controls!r}")
+    evaluate = doc.get("eval", "once")
+    if evaluate not in EVAL_MODES:
+        raise ValueError(f"{where}: eval: expected one of {', '.join(EVAL_MODES)}, got {evaluate!r}")
     strategy = doc.get("strategy", "bank")
     if strategy not in STRATEGIES:
         raise ValueError(f"{where}: strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -232,7 +241,7 @@ def parse_stream(doc: object, where: str, base_dir: Path, data_dir: str | None =
         if spec.name in seen:
             raise ValueError(f"{where}: tasks[{i}]: task name {spec.name!r} appears twice; give one a 'name'")
         seen.add(spec.name)
-    return Stream(name, description, backbone, tasks, base_dir, strategy, baseline, controls)
+    return Stream(name, description, backbone, tasks, base_dir, strategy, baseline, controls, evaluate)
 
 
 def _task_spec(item: object, where: str, defaults: dict, data_dir: str | None) -> TaskSpec:

@@ -124,6 +124,7 @@ class AvalancheStrategy(SharedStrategy):
     """The shared prompt trained task after task by one of Avalanche's strategies, a head per task."""
 
     CHECKPOINT = "avalanche.safetensors"
+    answers_fixed = False  # EWC, LwF, replay, A-GEM: every task moves the shared prompt, so earlier answers change
 
     def __init__(self, stream: Stream, backbone: Backbone, bank: PromptBank, out: Path) -> None:
         super().__init__(stream, backbone, bank, out)  # P and Φ; on --resume, the heads and metrics learned so far

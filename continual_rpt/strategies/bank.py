@@ -16,6 +16,8 @@ from continual_rpt.tasks import Example, Task, TaskData
 class BankStrategy:
     """A fresh prompt per task, collapsed into the bank; every task is answered by its own entry."""
 
+    answers_fixed = True  # an entry is immutable; Progressive's context is earlier entries, immutable too
+
     def __init__(self, stream: Stream, backbone: Backbone, bank: PromptBank, out: Path) -> None:
         self.stream, self.backbone, self.bank, self.out = stream, backbone, bank, out
 

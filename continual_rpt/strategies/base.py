@@ -36,6 +36,10 @@ from continual_rpt.tasks.data import sampled_rows
 class Strategy(Protocol):
     """What the run loop calls; see the module docstring for the order."""
 
+    # True when a task's answers come from its bank entry alone, stored once learned and never changed: the run then
+    # scores each task once and later verifies its entry by checksum (the stream's `eval: every` re-scores anyway).
+    answers_fixed: bool
+
     def __init__(self, stream: Stream, backbone: Backbone, bank: PromptBank, out: Path) -> None: ...
 
     @staticmethod

@@ -23,6 +23,7 @@ class SharedStrategy:
     """One prompt trained on every task in turn, with a fresh head per task; checkpointed after each task."""
 
     CHECKPOINT = "shared.safetensors"
+    answers_fixed = False  # the shared prompt moves with every task (and Avalanche's subclasses with it)
 
     def __init__(self, stream: Stream, backbone: Backbone, bank: PromptBank, out: Path) -> None:
         self.stream, self.backbone, self.bank, self.out = stream, backbone, bank, out
