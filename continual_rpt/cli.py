@@ -127,6 +127,7 @@ def add_serve_parser(commands) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one task, collapse, write the entry folder and print its scores."""
     from continual_rpt import distributed, tracking
+    from continual_rpt.backbones import check_device
     from continual_rpt.learner import train_task
     from continual_rpt.run import hub_bars
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
@@ -142,9 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     backbone_cfg, spec = train_configs(args)
     tracking.check_report_to(args.report_to)
     data = load_data(spec, Path.cwd())
+    rank, _ = distributed.setup(check_device(backbone_cfg.device))  # first: under accelerate launch on GPUs, each process gets its own
     with hub_bars(args.progress):
         backbone = backbone_cfg.load()
-    rank, _ = distributed.setup()
     config = {"backbone": dataclasses.asdict(backbone_cfg), "prompt": dataclasses.asdict(spec.prompt), "train": dataclasses.asdict(spec.train)}
     with tracking.session(args.report_to, args.logging_dir, spec.name, config):
         trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
@@ -182,6 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ncrpt: interrupted; finished tasks are in {args.out}/bank. Continue with: crpt run {args.stream} --out {args.out} --resume",
               file=sys.stderr)
         return 130
+    if metrics is None:  # a non-main process of `accelerate launch`: the main one prints
+        return 0
     print(summary_table(metrics))
     print(f"run folder: {args.out}  (bank: {args.out}/bank)")
     return 0

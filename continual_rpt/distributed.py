@@ -1,29 +1,51 @@
-"""Data parallel training under `accelerate launch`: each process takes a share of every batch.
+"""Data parallel training under `accelerate launch`, through Accelerate's process state and collectives.
 
-Every process builds the same batches (same seed), computes the gradient of its share, and the
-shares are summed with weights n_local / n_batch, which is exactly the full-batch mean gradient.
-So N processes give the result of one process up to float rounding. Only P, Φ and the head are
-reduced: they are all that trains. Run alone (no WORLD_SIZE > 1), every function is a no-op.
+Every process builds the same batches (same seed) and computes the mean gradient of its share of
+each batch; the shares are scaled by n_local / n_batch and summed with Accelerate's `reduce`, which
+is exactly the full-batch mean gradient. (DDP's averaging over processes equals it only when the
+shares are equal: a batch of 9 on 2 processes is 5 + 4.) So N processes give the result of one
+process up to the order of float sums. Only P, Φ and the head are reduced: they are all that trains.
+
+`crpt train` runs the same command on every process. `crpt run` runs the stream on the main process
+alone (strategy, evaluation, every write); it `announce`s each training as a `Job`, which the other
+processes repeat (`jobs`), so that every task trains data-parallel, and they wait otherwise.
+Run alone (no WORLD_SIZE > 1), every function is a no-op or a local computation.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+
+from continual_rpt.backbones import Backbone, Features
+from continual_rpt.evaluation import predict_features
+
+# How long a collective waits for the other processes. In `crpt run` they wait in one while the main
+# process alone evaluates, fits controls or routes (hours on a large stream); when a process dies, the
+# launcher ends the others, so this bounds only a true deadlock.
+WAIT = timedelta(days=2)
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size); starts the process group through Accelerate when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from accelerate import PartialState
+def setup(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size); starts the process group through Accelerate when launched with several processes.
 
-        PartialState()  # reads the launcher's environment and initialises torch.distributed (gloo on CPU)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    `device`, on the first call: where the processes compute (default: CUDA if there is one), so a
+    CPU run uses gloo and the CPU even beside GPUs. On CUDA each process gets its own GPU, so call
+    this before loading the backbone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+
+    cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=WAIT)  # reads the launcher's environment; only the first call's arguments count
+    return state.process_index, state.num_processes
 
 
 def share(ids: list[int], rank: int, world: int) -> list[int]:
@@ -33,29 +55,92 @@ def share(ids: list[int], rank: int, world: int) -> list[int]:
 
 def reduce_gradients(modules: list[nn.Module], n_local: int, n_batch: int) -> None:
     """Turn each process's mean gradient over its share into the full-batch mean gradient, everywhere."""
-    if not dist.is_initialized():
+    if setup()[1] == 1:
         return
-    for module in modules:
-        for p in module.parameters():
-            if p.grad is None:  # this process had no share of a short last batch
-                p.grad = torch.zeros_like(p)
-            p.grad.mul_(n_local / n_batch)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    from accelerate.utils import reduce
+
+    params = [p for module in modules for p in module.parameters()]
+    # A process with no share of a short last batch contributes zeros.
+    weighted = [(p.grad if p.grad is not None else torch.zeros_like(p)) * (n_local / n_batch) for p in params]
+    for p, summed in zip(params, reduce(weighted, reduction="sum")):
+        p.grad = summed
 
 
 def all_true(flag: bool) -> bool:
     """Whether `flag` holds on every process (so every process skips the same steps)."""
-    if not dist.is_initialized():
+    if setup()[1] == 1:
         return flag
-    t = torch.tensor(int(flag))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    return reduce(torch.tensor(float(not flag), device=PartialState().device), reduction="sum").item() == 0
 
 
 def gather(local: dict[int, int]) -> dict[int, int]:
     """Union of every process's {example index: prediction}."""
-    if not dist.is_initialized():
+    if setup()[1] == 1:
         return local
-    parts: list[dict[int, int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return {k: v for part in parts for k, v in part.items()}
+    from accelerate.utils import gather_object
+
+    return dict(gather_object(list(local.items())))  # gather_object concatenates the processes' lists
+
+
+def predict_split(backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features],
+                  batch_size: int, bf16: bool) -> list[int]:
+    """Predictions of every example, each process predicting its share (all of them when run alone)."""
+    rank, world = setup()
+    mine = share(list(range(len(features))), rank, world)
+    merged = gather(dict(zip(mine, predict_features(backbone, prompt, head, [features[i] for i in mine], batch_size, bf16))))
+    return [merged[i] for i in range(len(features))]
+
+
+@dataclass
+class Job:
+    """A training the main process of a multi-process `crpt run` starts, as the other processes repeat it."""
+
+    tasks: list[str]  # names of the run's loaded tasks (each process loads them itself)
+    prompt_cfg: object  # PromptConfig
+    cfg: object  # TrainConfig, decided for the backbone
+    prompt: dict[str, Tensor] | None  # the state of a prompt the training continues (a shared prompt), on the cpu
+    context: Tensor | None  # frozen prompts after the trained one (Progressive Prompts), on the cpu
+
+
+_leading: list[dict] = []  # the run's loaded data by name, while the main process leads the others
+
+
+@contextmanager
+def leading(data: dict):
+    """On the main process of a multi-process run: `announce` reaches the others while open; closed, they are released.
+
+    After an error nothing is sent: the main process exits with it and the launcher ends the others.
+    """
+    if setup()[1] == 1:
+        yield
+        return
+    from accelerate.utils import broadcast_object_list
+
+    _leading.append(data)
+    try:
+        yield
+    finally:
+        _leading.pop()
+    broadcast_object_list([None])
+
+
+def announce(datas: list, prompt_cfg: object, cfg: object, prompt: nn.Module | None, context: Tensor | None) -> None:
+    """Tell the other processes of a led run to repeat this training (a no-op anywhere else)."""
+    if not _leading:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    names = [next(name for name, known in _leading[-1].items() if known is data) for data in datas]
+    state = None if prompt is None else {k: v.detach().cpu() for k, v in prompt.state_dict().items()}
+    broadcast_object_list([Job(names, prompt_cfg, cfg, state, None if context is None else context.detach().cpu())])
+
+
+def jobs() -> Iterator[Job]:
+    """On the other processes of a led run: each training the main process announces, until it releases them."""
+    from accelerate.utils import broadcast_object_list
+
+    while (job := broadcast_object_list([None])[0]) is not None:
+        yield job

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from continual_rpt import distributed, tracking
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches, predict_features
+from continual_rpt.early_stopping import BestState
+from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches
 from continual_rpt.faults import kill_point
 from continual_rpt.prompts import PromptConfig, ResidualPrompt, initial_prompt
 from continual_rpt.tasks import TaskData
@@ -127,6 +128,19 @@ def train_joint(
     return prompt, _fit(backbone, datas, prompt_cfg, cfg, progress, prompt, None)
 
 
+def follow(backbone: Backbone, data: dict[str, TaskData]) -> None:
+    """A non-main process of a multi-process `crpt run`: train its share of each training the main process announces."""
+    for job in distributed.jobs():
+        prompt = None
+        if job.prompt is not None:  # a shared prompt: continue from the main process's state
+            prompt = build_prompt(backbone, job.prompt_cfg, job.cfg.seed)
+            prompt.load_state_dict(job.prompt)
+        try:
+            _fit(backbone, [data[name] for name in job.tasks], job.prompt_cfg, job.cfg, False, prompt, job.context)
+        except TrainingDiverged:
+            pass  # the main process saw the same gathered dev scores, and reports it
+
+
 def make_optimizer(prompt: ResidualPrompt | None, heads: list[nn.Module | None], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over P (lr), Φ (phi_lr or lr; both with weight decay) and the heads (head_lr, no weight decay); never the backbone."""
     groups = []
@@ -196,22 +210,14 @@ def train_step(
     return True, None if loss is None else loss.item()
 
 
-def predict_shared(backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features], cfg: TrainConfig) -> list[int]:
-    """Predictions of every example, each process predicting its share under data parallelism."""
-    rank, world = distributed.setup()
-    mine = distributed.share(list(range(len(features))), rank, world)
-    preds = predict_features(backbone, prompt, head, [features[i] for i in mine], cfg.eval_batch_size, cfg.bf16)
-    merged = distributed.gather(dict(zip(mine, preds)))
-    return [merged[i] for i in range(len(features))]
-
-
 def dev_scores(
     backbone: Backbone, datas: list[TaskData], heads: list[nn.Module | None], prompt: Tensor | None,
     dev: list[list[Features]], cfg: TrainConfig,
 ) -> list[float]:
     """Each task's dev score with the collapsed `prompt` (context included); -inf for all if the scores overflow."""
     try:
-        return [d.task.score(d.dev, predict_shared(backbone, prompt, heads[t], dev[t], cfg))["score"] for t, d in enumerate(datas)]
+        return [d.task.score(d.dev, distributed.predict_split(backbone, prompt, heads[t], dev[t], cfg.eval_batch_size, cfg.bf16))["score"]
+                for t, d in enumerate(datas)]
     except NonFiniteScores:  # finite but huge values can still overflow inside the backbone
         return [-math.inf] * len(datas)
 
@@ -221,43 +227,6 @@ def log_evaluation(label: str, entry: dict, examples_per_second: float, elapsed:
     dev = "non-finite" if entry["dev_score"] is None else f"{entry['dev_score']:.2f}"
     log.info("%s epoch %d step %d: train loss %.4f, dev %s, %.1f examples/s, %.0f s", label, entry["epoch"], entry["step"],
              entry["train_loss"], dev, examples_per_second, elapsed)
-
-
-def _snapshot(module: nn.Module | None) -> dict[str, Tensor] | None:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()} if module is not None else None
-
-
-class BestState:
-    """The best dev evaluation so far (finite scores and prompt only), and when to stop for lack of improvement."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience, self.stale = patience, 0
-        self.score, self.scores, self.step = -math.inf, [], 0
-        self.collapsed: Tensor | None = None
-        self.prompt: dict[str, Tensor] | None = None
-        self.heads: list[dict[str, Tensor] | None] = []
-
-    def offer(self, scores: list[float], step: int, collapsed: Tensor | None, prompt: nn.Module | None, heads: list) -> float:
-        """Keep this evaluation if its mean score beats the best; returns the mean score."""
-        score = sum(scores) / len(scores)
-        if score > self.score and math.isfinite(score) and (collapsed is None or torch.isfinite(collapsed).all()):
-            self.score, self.scores, self.step, self.collapsed = score, scores, step, collapsed
-            self.prompt, self.heads = _snapshot(prompt), [_snapshot(h) for h in heads]
-            self.stale = 0
-        else:
-            self.stale += 1
-        return score
-
-    @property
-    def stop(self) -> bool:
-        """Whether `patience` evaluations in a row brought no improvement."""
-        return self.patience > 0 and self.stale >= self.patience
-
-    def restore(self, prompt: nn.Module | None, heads: list[nn.Module | None]) -> None:
-        """Put the prompt and heads back into their best state."""
-        for module, state in ((prompt, self.prompt), *zip(heads, self.heads)):
-            if module is not None:
-                module.load_state_dict(state)
 
 
 def _fit(
@@ -270,6 +239,7 @@ def _fit(
     context: Tensor | None,
 ) -> list[TrainedTask]:
     """The training loop shared by `train_task` (one task) and `train_joint` (several)."""
+    distributed.announce(datas, prompt_cfg, cfg, prompt, context)  # under a multi-process crpt run: the others train alongside
     for data in datas:
         if not data.train or not data.dev:
             raise ValueError(f"{data.task.name}: train and dev splits must both be non-empty")
@@ -358,14 +328,14 @@ def _fit(
         if data.test:
             features = backbone.featurize(data.test, max_tokens)
 
-            def test_predictions(used: Tensor | None) -> list[int]:
-                return predict_shared(backbone, with_context(used, context), heads[t], features, cfg)
+            def test_predictions(used: Tensor | None) -> list[int]:  # None: the head alone, context or not
+                return distributed.predict_split(backbone, with_context(used, context), heads[t], features, cfg.eval_batch_size, cfg.bf16)
 
             predictions = test_predictions(best.collapsed)
             test = data.task.score(data.test, predictions)
             # What the prompt adds: the trained head alone, and P without the Φ it was trained through.
             if prompt is not None and heads[t] is not None:
-                added["test_without_prompt"] = data.task.score(data.test, predict_shared(backbone, None, heads[t], features, cfg))["score"]
+                added["test_without_prompt"] = data.task.score(data.test, test_predictions(None))["score"]
             if prompt is not None and prompt.cfg.reparameterized:
                 added["test_without_phi"] = data.task.score(data.test, test_predictions(prompt.prompt.detach().clone()))["score"]
         n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0

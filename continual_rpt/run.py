@@ -36,9 +36,9 @@ from continual_rpt.bank import PromptBank
 from continual_rpt.controls import control_fields, reference_scores
 from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
-from continual_rpt import tracking
+from continual_rpt import distributed, tracking
 from continual_rpt.faults import kill_point
-from continual_rpt.learner import log as training_log
+from continual_rpt.learner import follow, log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
 from continual_rpt.scored_once import scored_record, still_valid
@@ -133,13 +133,17 @@ def hub_bars(shown: bool):
             hf_logging.enable_progress_bar()
 
 
-def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True, report_to: str = "none") -> dict:
+def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: bool = True, report_to: str = "none") -> dict | None:
     """Learn the stream's tasks in order into `out`/bank and return the run's metrics.
 
     What can refuse the run (the folder, every task's data, the backbone and its device) is checked
     before the folder is created or anything in it is written; the folder's lock is held throughout,
-    so a second run on it fails at once, naming this one's pid.
+    so a second run on it fails at once, naming this one's pid. Under `accelerate launch` the main
+    process does all of this; the others train their share of each task and return None.
     """
+    if distributed.setup(check_device(stream.backbone.device))[0] != 0:
+        _follow(stream)
+        return None
     out = Path(out)
     existed = out.is_dir()
     with ExitStack() as held:
@@ -160,8 +164,16 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
             replace_json(out / STREAM_FILE, stream.resolved())
         held.enter_context(_training_lines(_logger(out)))
         held.enter_context(tracking.session(report_to, out / TRACKING_DIR, stream.name, stream.resolved(), state.get("tracked_steps", 0)))
+        held.enter_context(distributed.leading(data))  # with several processes: each training is announced to the others
         # stream.json keeps what was asked (bf16 unset: auto), so a resume compares like with like; entries store what ran.
         return _learn(stream.on(backbone), out, state, data, backbone, progress)
+
+
+def _follow(stream: Stream) -> None:
+    """A non-main process of `accelerate launch`: the same data and backbone as the main one, its share of every training; no writes."""
+    with hub_bars(False):
+        data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+        follow(stream.backbone.load(), data)
 
 
 def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], backbone, progress: bool) -> dict:
