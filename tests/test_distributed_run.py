@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_stream import write_stream
 
@@ -106,3 +107,19 @@ def test_two_processes_give_the_single_process_bank_and_resume_after_a_kill(tmp_
         for key, tensor in double[name].items():
             assert torch.equal(resumed[name][key], tensor), f"{name} {key}"
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"] == metrics[1]["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("strategy", ["shared", "multitask"])
+def test_two_processes_continue_the_main_process_prompt(tmp_path, tiny_bert_dir, superglue_dir, strategy):
+    # shared: RTE continues the prompt CB trained, whose state the main process sends; multitask: one training on both tasks.
+    # Checked to fail (shared): with the other process starting RTE from a fresh prompt instead of the state sent.
+    stream = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "RTE"], train=TRAIN, strategy=strategy, controls=False)
+    common = ["run", stream, "--no-progress"]
+    one = subprocess.Popen([sys.executable, "-m", "continual_rpt", *map(str, common), "--out", str(tmp_path / "one")], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finished(launched([*common, "--out", tmp_path / "two"]))
+    finished(one)
+    single, double = entries(tmp_path / "one"), entries(tmp_path / "two")
+    for name in single:
+        for key, tensor in single[name].items():
+            torch.testing.assert_close(double[name][key], tensor, atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
