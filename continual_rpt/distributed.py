@@ -7,7 +7,7 @@ shares are equal: a batch of 9 on 2 processes is 5 + 4.) So N processes give the
 process up to the order of float sums. Only P, Φ and the head are reduced: they are all that trains.
 
 `crpt train` runs the same command on every process. `crpt run` runs the stream on the main process
-alone (strategy, evaluation, every write); it `announce`s each training as a `Job`, which the other
+alone (strategy, evaluation, every write); it announces each `training` as a `Job`, which the other
 processes repeat (`jobs`), so that every task trains data-parallel, and they wait otherwise.
 Run alone (no WORLD_SIZE > 1), every function is a no-op or a local computation.
 """
@@ -53,9 +53,14 @@ def share(ids: list[int], rank: int, world: int) -> list[int]:
     return ids[rank::world]
 
 
+def alone() -> bool:
+    """Whether this process computes alone: launched alone, or the main process of a led `crpt run` outside a training."""
+    return setup()[1] == 1 or bool(_leading) and not _leading[-1].training
+
+
 def reduce_gradients(modules: list[nn.Module], n_local: int, n_batch: int) -> None:
     """Turn each process's mean gradient over its share into the full-batch mean gradient, everywhere."""
-    if setup()[1] == 1:
+    if alone():
         return
     from accelerate.utils import reduce
 
@@ -68,7 +73,7 @@ def reduce_gradients(modules: list[nn.Module], n_local: int, n_batch: int) -> No
 
 def all_true(flag: bool) -> bool:
     """Whether `flag` holds on every process (so every process skips the same steps)."""
-    if setup()[1] == 1:
+    if alone():
         return flag
     from accelerate import PartialState
     from accelerate.utils import reduce
@@ -78,7 +83,7 @@ def all_true(flag: bool) -> bool:
 
 def gather(local: dict[int, int]) -> dict[int, int]:
     """Union of every process's {example index: prediction}."""
-    if setup()[1] == 1:
+    if alone():
         return local
     from accelerate.utils import gather_object
 
@@ -87,8 +92,8 @@ def gather(local: dict[int, int]) -> dict[int, int]:
 
 def predict_split(backbone: Backbone, prompt: Tensor | None, head: nn.Module | None, features: list[Features],
                   batch_size: int, bf16: bool) -> list[int]:
-    """Predictions of every example, each process predicting its share (all of them when run alone)."""
-    rank, world = setup()
+    """Predictions of every example, each process predicting its share (all of them when computing alone)."""
+    rank, world = (0, 1) if alone() else setup()
     mine = share(list(range(len(features))), rank, world)
     merged = gather(dict(zip(mine, predict_features(backbone, prompt, head, [features[i] for i in mine], batch_size, bf16))))
     return [merged[i] for i in range(len(features))]
@@ -105,13 +110,21 @@ class Job:
     context: Tensor | None  # frozen prompts after the trained one (Progressive Prompts), on the cpu
 
 
-_leading: list[dict] = []  # the run's loaded data by name, while the main process leads the others
+class _Lead:
+    """The main process of a led run: the run's loaded data by name, and whether the others are training with it now."""
+
+    def __init__(self, data: dict) -> None:
+        self.data, self.training = data, False
+
+
+_leading: list[_Lead] = []  # set by `leading`, read by `training` and `alone`
 
 
 @contextmanager
 def leading(data: dict):
-    """On the main process of a multi-process run: `announce` reaches the others while open; closed, they are released.
+    """On the main process of a multi-process run: `training` reaches the others while open; closed, they are released.
 
+    Outside a training the main process computes alone (evaluation, controls, a baseline's own loop).
     After an error nothing is sent: the main process exits with it and the launcher ends the others.
     """
     if setup()[1] == 1:
@@ -119,7 +132,7 @@ def leading(data: dict):
         return
     from accelerate.utils import broadcast_object_list
 
-    _leading.append(data)
+    _leading.append(_Lead(data))
     try:
         yield
     finally:
@@ -127,15 +140,23 @@ def leading(data: dict):
     broadcast_object_list([None])
 
 
-def announce(datas: list, prompt_cfg: object, cfg: object, prompt: nn.Module | None, context: Tensor | None) -> None:
-    """Tell the other processes of a led run to repeat this training (a no-op anywhere else)."""
-    if not _leading:
+@contextmanager
+def training(datas: list, prompt_cfg: object, cfg: object, prompt: nn.Module | None, context: Tensor | None):
+    """A training every process takes part in: on the main process of a led run, announced to the others first."""
+    if not _leading:  # alone, a process that follows, or crpt train (every process runs the command)
+        yield
         return
     from accelerate.utils import broadcast_object_list
 
-    names = [next(name for name, known in _leading[-1].items() if known is data) for data in datas]
+    lead = _leading[-1]
+    names = [next(name for name, known in lead.data.items() if known is data) for data in datas]
     state = None if prompt is None else {k: v.detach().cpu() for k, v in prompt.state_dict().items()}
     broadcast_object_list([Job(names, prompt_cfg, cfg, state, None if context is None else context.detach().cpu())])
+    lead.training = True
+    try:
+        yield
+    finally:
+        lead.training = False
 
 
 def jobs() -> Iterator[Job]:

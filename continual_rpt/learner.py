@@ -229,7 +229,14 @@ def log_evaluation(label: str, entry: dict, examples_per_second: float, elapsed:
              entry["train_loss"], dev, examples_per_second, elapsed)
 
 
-def _fit(
+def _fit(backbone: Backbone, datas: list[TaskData], prompt_cfg: PromptConfig, cfg: TrainConfig, progress: bool,
+         prompt: ResidualPrompt | None, context: Tensor | None) -> list[TrainedTask]:
+    """The training loop shared by `train_task` (one task) and `train_joint` (several); every process of a launch takes part."""
+    with distributed.training(datas, prompt_cfg, cfg, prompt, context):
+        return _train(backbone, datas, prompt_cfg, cfg, progress, prompt, context)
+
+
+def _train(
     backbone: Backbone,
     datas: list[TaskData],
     prompt_cfg: PromptConfig,
@@ -238,8 +245,6 @@ def _fit(
     prompt: ResidualPrompt | None,
     context: Tensor | None,
 ) -> list[TrainedTask]:
-    """The training loop shared by `train_task` (one task) and `train_joint` (several)."""
-    distributed.announce(datas, prompt_cfg, cfg, prompt, context)  # under a multi-process crpt run: the others train alongside
     for data in datas:
         if not data.train or not data.dev:
             raise ValueError(f"{data.task.name}: train and dev splits must both be non-empty")

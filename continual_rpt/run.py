@@ -42,7 +42,7 @@ from continual_rpt.learner import follow, log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
 from continual_rpt.routing import task_free_scores
 from continual_rpt.scored_once import scored_record, still_valid
-from continual_rpt.strategies import make_strategy, method_label, strategy_class
+from continual_rpt.strategies import REGISTRY, make_strategy, method_label, strategy_class
 from continual_rpt.streams import BaselineConfig, Stream, load_data
 from continual_rpt.tasks import TaskData
 
@@ -141,7 +141,12 @@ def run_stream(stream: Stream, out: str | Path, resume: bool = False, progress: 
     so a second run on it fails at once, naming this one's pid. Under `accelerate launch` the main
     process does all of this; the others train their share of each task and return None.
     """
-    if distributed.setup(check_device(stream.backbone.device))[0] != 0:
+    rank, world = distributed.setup(check_device(stream.backbone.device))
+    if world > 1 and REGISTRY.get(stream.strategy) and REGISTRY[stream.strategy].extra == "avalanche":
+        # Avalanche's own loop sees torch.distributed and gives each process part of the data: another training, not this one's.
+        raise RunError(f"strategy {stream.strategy}: trains in Avalanche's loop, which is not data-parallel here; "
+                       "run it as one process (without accelerate launch)")
+    if rank != 0:
         _follow(stream)
         return None
     out = Path(out)

@@ -123,3 +123,13 @@ def test_two_processes_continue_the_main_process_prompt(tmp_path, tiny_bert_dir,
     for name in single:
         for key, tensor in single[name].items():
             torch.testing.assert_close(double[name][key], tensor, atol=1e-5, rtol=1e-5, msg=f"{name} {key}")
+
+
+def test_an_avalanche_baseline_is_refused_on_several_processes(tmp_path, tiny_bert_dir, superglue_dir):
+    # Avalanche's loop, seeing torch.distributed, trains each process on part of the data (its DistributedSampler):
+    # checked before the refusal, the main process alone trained another prompt than one process does (off by 3.6).
+    stream = write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "RTE"], train=TRAIN, strategy="naive", controls=False)
+    proc = launched(["run", stream, "--no-progress", "--out", tmp_path / "two"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "strategy naive: trains in Avalanche's loop, which is not data-parallel here" in err
+    assert not (tmp_path / "two").exists()
