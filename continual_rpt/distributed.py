@@ -124,7 +124,7 @@ _leading: list[_Lead] = []  # set by `leading`, read by `training` and `alone`
 def leading(data: dict):
     """On the main process of a multi-process run: `training` reaches the others while open; closed, they are released.
 
-    Outside a training the main process computes alone (evaluation, controls, a baseline's own loop).
+    Outside a training the main process computes alone (evaluations, controls, the linear probe).
     After an error nothing is sent: the main process exits with it and the launcher ends the others.
     """
     if setup()[1] == 1:
@@ -149,7 +149,9 @@ def training(datas: list, prompt_cfg: object, cfg: object, prompt: nn.Module | N
     from accelerate.utils import broadcast_object_list
 
     lead = _leading[-1]
-    names = [next(name for name, known in lead.data.items() if known is data) for data in datas]
+    names = [next((name for name, known in lead.data.items() if known is data), None) for data in datas]
+    if None in names:  # the others can only repeat a training on data they loaded themselves
+        raise ValueError(f"{', '.join(d.task.name for d in datas)}: a multi-process run trains only the stream's own loaded tasks")
     state = None if prompt is None else {k: v.detach().cpu() for k, v in prompt.state_dict().items()}
     broadcast_object_list([Job(names, prompt_cfg, cfg, state, None if context is None else context.detach().cpu())])
     lead.training = True
