@@ -29,7 +29,7 @@ from test_stream import write_stream
 from continual_rpt.bank import PromptBank
 from continual_rpt.cli import main
 from continual_rpt.run import run_stream
-from continual_rpt.serving.app import create_app
+from continual_rpt.serving.app import bank_loader, create_app
 from continual_rpt.serving.state import ServedBank
 from continual_rpt.streams import load_stream
 
@@ -297,3 +297,16 @@ def test_crpt_serve_refuses_what_it_cannot_serve_before_listening(bank, tmp_path
                         ([str(bank), "--workers", "0"], "--workers 0"), ([str(bank), "--backbone", str(tmp_path / "none")], "none of its entries")]:
         assert main(["serve", *argv, "--port", "0"]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_collected_rows_go_through_forwards_of_forward_batch_rows_not_max_batch(bank, served, rows):
+    # One forward of a whole collected batch pads every row to the longest (5x slower on a 2-core CPU,
+    # experiments/results/serving); the forward size is its own option. Fails if bank_loader hands max_batch on.
+    load, limits = bank_loader({"bank": str(bank), "max_batch": 32, "forward_batch": 4})
+    assert limits["max_batch"] == 32 and "forward_batch" not in limits
+    small = load()
+    assert small.batch_size == 4 and served.batch_size == 64
+    batch = [small.parse(name, rows[name]) for name in TASKS] + [small.parse(None, rows["CB"] + rows["COPA"])]
+    ours = [[(a.task, a.index) for a in answers] for answers in small.answer(batch)]
+    theirs = [[(a.task, a.index) for a in answers] for answers in served.answer([served.parse(p.task, list(p.rows)) for p in batch])]
+    assert ours == theirs

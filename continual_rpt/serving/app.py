@@ -161,7 +161,8 @@ def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = L
                max_rows: int = Limits.max_rows, max_body_bytes: int = Limits.max_body_bytes,
                watch_interval_s: float = Limits.watch_interval_s) -> FastAPI:
     """The app serving `served`, or the bank a loader returns (called in a thread at startup: /health is 503 until it is done)."""
-    service = Service(served, Limits(max_batch, max_wait_ms, max_rows, max_body_bytes, watch_interval_s))
+    service = Service(served, Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows,
+                                     max_body_bytes=max_body_bytes, watch_interval_s=watch_interval_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -269,8 +270,8 @@ def bank_loader(options: dict) -> tuple[Callable[[], ServedBank], dict]:
     """From `crpt serve`'s options: a function loading the bank it names (ServedBank's options), and the limits (checked)."""
     options = dict(options)
     limits = asdict(Limits(**{key: options.pop(key) for key in Limits.__dataclass_fields__ if key in options}))
-    bank = options.pop("bank")
-    return (lambda: ServedBank(bank, batch_size=limits["max_batch"], **options)), limits
+    bank, forward_batch = options.pop("bank"), limits.pop("forward_batch")
+    return (lambda: ServedBank(bank, batch_size=forward_batch, **options)), limits
 
 
 def app_from_env() -> FastAPI:
