@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from grid import machine_description  # noqa: E402
 
 import continual_rpt  # noqa: E402
+from continual_rpt.backbones.base import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
 
 RESULT_FILES = ("metrics.json", "accuracy_matrix.csv", "task_free_matrix.csv", "routing_matrix.csv", "stream.json", "log.txt")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def read_metrics(run: Path) -> dict:
@@ -89,15 +89,6 @@ def method_rows(runs: list[dict], labels: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> list[str]:
-    """Which bf16 instructions this CPU has (bf16 autocast is slower than fp32 without them)."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    return [f for f in BF16_FLAGS if f in flags]
-
-
 def reproducibility(runs: list[dict]) -> str:
     """Whether the runs' final scores, matrices and task-free scores are identical, and each task's spread if not."""
     keys = ("accuracy_matrix", "task_free_accuracy_matrix", "routing_confusion")
@@ -125,7 +116,7 @@ def record(runs: list[Path], out: Path, command: str) -> None:
         for name in RESULT_FILES:
             if (run / name).is_file():
                 shutil.copy2(run / name, out / f"run{i + 1}" / name)
-    env = {"command": command, "machine": machine_description(), "bf16_cpu_flags": cpu_flags(), "python": platform.python_version(),
+    env = {"command": command, "machine": machine_description(), "bf16_cpu_flags": [f for f in BF16_CPU_FLAGS if f in cpu_flags()], "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "continual_rpt": continual_rpt.__version__,
            "seed": metrics[0]["seed"]}
     (out / "environment.json").write_text(json.dumps(env, indent=2, sort_keys=True) + "\n")

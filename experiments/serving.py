@@ -57,6 +57,7 @@ from serving_http import SEED, drive, free_server, hot_add, load_average, load_t
 from serving_peft import decoder_bank, peft_vs_ours  # noqa: E402
 
 import continual_rpt  # noqa: E402
+from continual_rpt.backbones.base import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
 from continual_rpt.cli import main as crpt  # noqa: E402
 from continual_rpt.evaluation import length_batches, load_answerer, mixed_option_scores  # noqa: E402
 
@@ -70,12 +71,9 @@ SERVERS = {"mixed": {"options": ["--forward-batch", str(BATCH)]}, "per-task": {"
 PEFT_ROWS_PER_TASK, HOT_ADDS, MAX_ROWS = 60, 5, 256  # MAX_ROWS: crpt serve's default --max-rows
 
 
-def cpu_flags() -> dict:
+def machine() -> dict:
     """The CPU's model, cores and bf16 instructions (what bf16 autocast runs on)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return {"machine": machine_description(), "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
-            "cores": os.cpu_count()}
+    return {"machine": machine_description(), "bf16_flags": [f for f in BF16_CPU_FLAGS if f in cpu_flags()], "cores": os.cpu_count()}
 
 
 def test_rows(data: dict, names: list[str], per_task: int | None = None) -> list[tuple[str, dict]]:
@@ -300,7 +298,7 @@ def main() -> None:
     metrics, stream, bank, backbone, data = finished_run(args.stream, args.run, args.data_dir)
     names = bank.tasks()
     rows = test_rows(data, names)
-    result: dict = {"run": str(args.run), "tasks": names, "rows": len(rows), "cpu": cpu_flags(), "run_seed": metrics["seed"],
+    result: dict = {"run": str(args.run), "tasks": names, "rows": len(rows), "cpu": machine(), "run_seed": metrics["seed"],
                     "load_seed": SEED, "load_average_at_start": load_average(), "environment": environment(), "settings": {}}
 
     def report(key: str, outcome: dict) -> None:
