@@ -8,7 +8,7 @@
                                    scores change (a bank's never do: comparison.md names those left out)
     final_scores.png               final score per task by method and control (one equal to a method shown once),
                                    error bars = std over seeds
-    differences.md, .csv           95% bootstrap intervals over seeds and test examples (confidence.py) of each
+    differences.md, .csv           95% bootstrap intervals over seeds and test examples (intervals.py) of each
                                    method's task average and final task scores, and of its paired difference
                                    from the first method given; the test-sample interval beside the average's
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from continual_rpt.confidence import LEVEL, ONE_SEED_NOTE, by_seed, intervals
+from continual_rpt.intervals import LEVEL, ONE_SEED_NOTE, by_seed, intervals
 from continual_rpt.plots import plot_along_stream, plot_final_scores, plot_matrices, unchanging
 
 REQUIRED = ("stream", "method", "tasks", "accuracy_matrix", "average_score", "forgetting", "backward_transfer",

@@ -34,7 +34,7 @@ from continual_rpt.atomic import is_temp_name, replace_file, replace_json
 from continual_rpt.backbones import check_device, device_bf16
 from continual_rpt.bank import PromptBank
 from continual_rpt.controls import control_fields, reference_scores
-from continual_rpt.confidence import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
+from continual_rpt.intervals import LEVEL, RESAMPLES, SEED, examples_id, interval, resampled_scores
 from continual_rpt.evaluation import average_score, backward_transfer, forgetting
 from continual_rpt import distributed, tracking
 from continual_rpt.faults import kill_point

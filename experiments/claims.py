@@ -12,7 +12,7 @@ Scores are test-half scores (dev half for early stopping only), mean ± sample s
 "average" is the mean over the grid's tasks, taken per seed first, so its std is over seeds too.
 A difference "a − b" pairs runs of the same seed (same data sample and same initial P); where the
 runs kept their scores on bootstrap resamples of their test sets, it also gets a 95% interval that
-resamples seeds and test examples, and the test-sample one, which leaves seeds out (confidence.py).
+resamples seeds and test examples, and the test-sample one, which leaves seeds out (intervals.py).
 """
 
 from __future__ import annotations

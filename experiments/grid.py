@@ -26,7 +26,7 @@ majority class, `majority_test_score`, shown under that name). Each
 record keeps its test set's id and its score on 1000 bootstrap resamples of the test examples (the
 same draws for every run of that test set), so the summary gives every score a 95% interval and
 every pair a paired one: seeds drawn with replacement and a test resample for them, and beside it
-the test-sample interval, which leaves the seeds out (continual_rpt/confidence.py).
+the test-sample interval, which leaves the seeds out (continual_rpt/intervals.py).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ import yaml
 
 from continual_rpt import __version__
 from continual_rpt.atomic import replace_json
-from continual_rpt.confidence import LEVEL, ONE_SEED_NOTE, by_seed, examples_id, intervals, resampled_scores
 from continual_rpt.backbones import load_backbone
 from continual_rpt.controls import best_constant, fit_linear_probe
+from continual_rpt.intervals import LEVEL, ONE_SEED_NOTE, by_seed, examples_id, intervals, resampled_scores
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.streams import load_data, parse_stream

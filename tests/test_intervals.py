@@ -1,4 +1,4 @@
-"""Intervals that count the seeds: the two-level bootstrap (seeds, then test examples) of confidence.py, and the
+"""Intervals that count the seeds: the two-level bootstrap (seeds, then test examples) of intervals.py, and the
 report, grid summaries and claims lines that use it. Each "fails on main" note was checked by running the test on
 the commit before this change (there every interval averaged the seeds inside each test resample)."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_report import write_run
 
-from continual_rpt.confidence import RESAMPLES, by_seed, interval, intervals, seed_and_test_resamples
+from continual_rpt.intervals import RESAMPLES, by_seed, interval, intervals, seed_and_test_resamples
 from continual_rpt.report import compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

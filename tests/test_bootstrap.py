@@ -6,7 +6,7 @@ import pytest
 from test_report import write_run
 from test_stream import write_stream
 
-from continual_rpt.confidence import Interval, interval, resampled_scores
+from continual_rpt.intervals import Interval, interval, resampled_scores
 from continual_rpt.report import compare
 from continual_rpt.run import run_stream
 from continual_rpt.streams import load_stream
