@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
-from continual_rpt.evaluation import autocast, length_batches
+from continual_rpt.evaluation import per_example
 from continual_rpt.tasks import Example, Task, TaskData
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # log-spaced; sentence embeddings of 384 dims rarely want more
@@ -44,18 +44,9 @@ def control_fields(stored: dict) -> dict:
     return {key if key.endswith(("_score", "_answer")) else f"{key}_score": value for key, value in stored.items()}
 
 
-@torch.no_grad()
 def pooled_features(backbone: Backbone, features: list[Features], batch_size: int, bf16: bool) -> list[Tensor]:
     """Each example's pooled outputs without a prompt: [pairs, d] per example (one pair for classification)."""
-    out: list[Tensor] = [torch.empty(0)] * len(features)
-    for batch_ids in length_batches(features, batch_size):
-        batch = backbone.collate([features[i] for i in batch_ids])
-        with autocast(backbone, bf16):
-            pooled = backbone.encode(None, batch).float().cpu()
-        rows = batch["rows"].cpu()
-        for local, i in enumerate(batch_ids):
-            out[i] = pooled[rows == local]
-    return out
+    return per_example(backbone, features, batch_size, bf16, lambda _, batch: backbone.encode(None, batch), by_pair=True)
 
 
 def _design(task, examples, pooled: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -41,18 +41,25 @@ def autocast(backbone: Backbone, bf16: bool):
     return torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def _score_batches(backbone: Backbone, features: list[Features], batch_size: int, bf16: bool, score) -> list[Tensor]:
-    """Every featurized example's scores [C] (fp32), in input order; `score(batch_ids, batch)` scores one batch."""
+def per_example(backbone: Backbone, features: list[Features], batch_size: int, bf16: bool, compute,
+                by_pair: bool = False) -> list[Tensor]:
+    """Each featurized example's output of `compute(batch_ids, batch)`, fp32 on the CPU, in input order: one row, by_pair [pairs, ...]."""
     out: list[Tensor] = [torch.empty(0)] * len(features)
     for batch_ids in length_batches(features, batch_size):
         batch = backbone.collate([features[i] for i in batch_ids])
         with torch.no_grad(), autocast(backbone, bf16):
-            scores = score(batch_ids, batch).float().cpu()
-        if torch.isnan(scores).any():  # -inf marks missing choices; NaN means the prompt has blown up
-            raise NonFiniteScores("the model's scores are NaN: the prompt (or head) holds values it cannot compute with")
+            outputs = compute(batch_ids, batch).float().cpu()  # one transfer per batch, not per example
+        example_of_row = batch["rows"].cpu() if by_pair else None  # by_pair: compute gives a row per text pair, not per example
         for local, i in enumerate(batch_ids):
-            out[i] = scores[local]
+            out[i] = outputs[example_of_row == local] if by_pair else outputs[local]
     return out
+
+
+def _finite(scores: Tensor) -> Tensor:
+    """`scores`, refused if any is NaN (-inf marks a missing choice; NaN means the prompt has blown up)."""
+    if torch.isnan(scores).any():
+        raise NonFiniteScores("the model's scores are NaN: the prompt (or head) holds values it cannot compute with")
+    return scores
 
 
 def option_scores(
@@ -61,7 +68,7 @@ def option_scores(
     """Every featurized example's scores [C] (fp32, -inf for missing choices), in input order."""
     if head is not None:
         head.eval()
-    return _score_batches(backbone, features, batch_size, bf16, lambda _, batch: backbone.scores(prompt, head, batch))
+    return per_example(backbone, features, batch_size, bf16, lambda _, batch: _finite(backbone.scores(prompt, head, batch)))
 
 
 def mixed_option_scores(
@@ -80,9 +87,9 @@ def mixed_option_scores(
         mine = [answerers[owners[i]] for i in batch_ids]
         prompts = RowPrompts.stack([a.prompt for a in mine], backbone.width, backbone.device)
         heads = None if mine[0].head is None else [a.head for a in mine]
-        return backbone.scores(prompts if prompts.mask.shape[1] else None, heads, batch)
+        return _finite(backbone.scores(prompts if prompts.mask.shape[1] else None, heads, batch))
 
-    return _score_batches(backbone, features, batch_size, bf16, score)
+    return per_example(backbone, features, batch_size, bf16, score)
 
 
 def predict_features(

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.bank import ROUTE_FILE, BankError, Entry, PromptBank
-from continual_rpt.evaluation import autocast, bank_option_scores, length_batches, option_scores, predict_from_bank
+from continual_rpt.evaluation import bank_option_scores, option_scores, per_example, predict_from_bank
 from continual_rpt.tasks import Example, task_from_meta
 
 ROUTERS = ("mahalanobis", "prototype", "confidence")
@@ -52,17 +52,9 @@ POOLING_CODES = ("none", "cls", "mean")  # route state stores the pooling as its
 FEATURIZATION_KEYS = ("max_length", "bf16", "pooling", "feature_version")
 
 
-@torch.no_grad()
 def input_features(backbone: Backbone, features: list[Features], batch_size: int = 64, bf16: bool = True) -> Tensor:
     """The prompt-free feature vector of every featurized example, [N, d] fp32, in input order."""
-    out: list[Tensor] = [torch.empty(0)] * len(features)
-    for batch_ids in length_batches(features, batch_size):
-        batch = backbone.collate([features[i] for i in batch_ids])
-        with autocast(backbone, bf16):
-            x = backbone.input_features(batch).float().cpu()
-        for local, i in enumerate(batch_ids):
-            out[i] = x[local]
-    return torch.stack(out)
+    return torch.stack(per_example(backbone, features, batch_size, bf16, lambda _, batch: backbone.input_features(batch)))
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,20 @@ def test_compiled_backbone_gives_the_same_loss(tiny_bert_dir, superglue_dir):
     batch = plain.collate(plain.featurize(data.train[:8], 60))
     losses = [b.loss(prompt(), head, batch) for b in (plain, compiled)]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["CB", "COPA"])  # one row per example, and a row per (example, choice) pair
+def test_batched_features_come_back_in_input_order(minilm, superglue_dir, task):
+    from continual_rpt.controls import pooled_features
+    from continual_rpt.routing import input_features
+
+    features = minilm.featurize(load_task_data(task, superglue_dir).dev[:40], 246)
+    with torch.no_grad():  # each example alone: what it must get back whatever batch the loop put it in
+        alone = [minilm.collate([f]) for f in features]
+        pooled_alone = [minilm.encode(None, batch) for batch in alone]
+        route_alone = torch.cat([minilm.input_features(batch) for batch in alone])
+    for batch_size in (1, 7, 64):  # sorted by length, a batch's examples are never in input order
+        pooled = pooled_features(minilm, features, batch_size, False)
+        assert [p.shape[0] for p in pooled] == [len(f.ids) for f in features]
+        torch.testing.assert_close(torch.cat(pooled), torch.cat(pooled_alone), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(input_features(minilm, features, batch_size, False), route_alone, atol=1e-4, rtol=1e-4)
