@@ -127,7 +127,7 @@ def test_batched_features_come_back_in_input_order(minilm, superglue_dir, task):
         alone = [minilm.collate([f]) for f in features]
         pooled_alone = [minilm.encode(None, batch) for batch in alone]
         route_alone = torch.cat([minilm.input_features(batch) for batch in alone])
-    for batch_size in (1, 7, 64):  # sorted by length, a batch's examples are never in input order
+    for batch_size in (1, 7, 64):  # batches sorted by length put these examples out of input order
         pooled = pooled_features(minilm, features, batch_size, False)
         assert [p.shape[0] for p in pooled] == [len(f.ids) for f in features]
         torch.testing.assert_close(torch.cat(pooled), torch.cat(pooled_alone), atol=1e-4, rtol=1e-4)
