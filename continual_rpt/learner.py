@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from continual_rpt import distributed, tracking
 from continual_rpt.backbones import Backbone, Features
+from continual_rpt.config_fields import Count, Range, check_ranges, setting
 from continual_rpt.early_stopping import BestState
 from continual_rpt.evaluation import NonFiniteScores, autocast, length_batches
 from continual_rpt.faults import kill_point
@@ -28,6 +30,10 @@ from continual_rpt.tasks import TaskData
 
 
 DECAYS = ("none", "linear")
+ZERO_OR_MORE = Range(low=0, words="0 or more")
+# Past ~1e30 AdamW's own fp32 arithmetic overflows before any loss can be checked.
+LEARNING_RATE = Range(low=0, low_open=True, high=1e30, words="a finite number in (0, 1e30]")
+RATE_OR_0 = Range(low=0, high=1e30, words="a finite number in [0, 1e30]")
 log = logging.getLogger(__name__)  # a run folder's log.txt listens here (run._learn)
 
 
@@ -35,40 +41,27 @@ log = logging.getLogger(__name__)  # a run folder's log.txt listens here (run._l
 class TrainConfig:
     """Optimisation and evaluation settings for one task."""
 
-    epochs: int = field(default=10, metadata={"help": "passes over the training split at most"})
-    batch_size: int = field(default=16, metadata={"help": "training examples per step"})
-    lr: float = field(default=0.3, metadata={"help": "learning rate of P (and of Φ unless phi_lr is set; the paper's 0.3 for both)"})
-    phi_lr: float = field(default=0.0, metadata={"help": "learning rate of Φ's weights (0: lr)"})
-    head_lr: float = field(default=1e-3, metadata={"help": "learning rate of the task head (encoder backbones)"})
-    warmup: float = field(default=0.0, metadata={"help": "fraction of the steps over which the learning rates rise linearly from 0"})
-    decay: str = field(default="none", metadata={"help": "after warm-up: none (constant) or linear (to 0 at the last step)"})
-    weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay of P and Φ"})
-    max_length: int = field(default=256, metadata={"help": "tokens per sequence, prompt included"})
-    eval_every: int = field(default=0, metadata={"help": "evaluate dev every this many steps (0: once per epoch)"})
-    patience: int = field(default=3, metadata={"help": "stop after this many dev evaluations without improvement (0: never)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the backbone and the head's matmul (P, Φ and the "
-                                                       "head's weights stay fp32); unset: bf16 where the device computes it natively (a GPU "
-                                                       "that does, a CPU with avx512_bf16 or amx_bf16), else fp32"})
-    seed: int = field(default=0, metadata={"help": "seed of the prompt initialisation, head and data order"})
+    epochs: Count = setting(10, "passes over the training split at most")
+    batch_size: Count = setting(16, "training examples per step")
+    lr: Annotated[float, LEARNING_RATE] = setting(0.3, "learning rate of P (and of Φ unless phi_lr is set; the paper's 0.3 for both)")
+    phi_lr: Annotated[float, RATE_OR_0] = setting(0.0, "learning rate of Φ's weights (0: lr)")
+    head_lr: Annotated[float, LEARNING_RATE] = setting(1e-3, "learning rate of the task head (encoder backbones)")
+    warmup: Annotated[float, Range(low=0, high=1, high_open=True, words="a fraction in [0, 1)")] = setting(0.0, "fraction of the steps over which the learning rates rise linearly from 0")
+    decay: str = setting("none", "after warm-up: none (constant) or linear (to 0 at the last step)")
+    weight_decay: Annotated[float, RATE_OR_0] = setting(1e-5, "AdamW weight decay of P and Φ")
+    max_length: Count = setting(256, "tokens per sequence, prompt included")
+    eval_every: Annotated[int, ZERO_OR_MORE] = setting(0, "evaluate dev every this many steps (0: once per epoch)")
+    patience: Annotated[int, ZERO_OR_MORE] = setting(3, "stop after this many dev evaluations without improvement (0: never)")
+    eval_batch_size: Count = setting(64, "examples per evaluation batch")
+    bf16: bool | None = setting(None, "bf16 autocast for the backbone and the head's matmul (P, Φ and the head's weights stay fp32); "
+                                      "unset: bf16 where the device computes it natively (a GPU that does, a CPU with avx512_bf16 or "
+                                      "amx_bf16), else fp32")
+    seed: int = setting(0, "seed of the prompt initialisation, head and data order")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "patience"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup: must be a fraction in [0, 1), got {self.warmup}")
+        check_ranges(self)
         if self.decay not in DECAYS:
             raise ValueError(f"decay: {self.decay!r} is not one of {', '.join(DECAYS)}")
-        for name in ("lr", "phi_lr", "head_lr", "weight_decay"):
-            value = getattr(self, name)
-            # Past ~1e30 AdamW's own fp32 arithmetic overflows before any loss can be checked.
-            if not (math.isfinite(value) and 0 <= value <= 1e30) or (name in ("lr", "head_lr") and value == 0):
-                low = "(0" if name in ("lr", "head_lr") else "[0"
-                raise ValueError(f"{name}: must be a finite number in {low}, 1e30], got {value}")
 
     def on(self, backbone: Backbone) -> TrainConfig:
         """This config with an unset `bf16` decided by the backbone's hardware (Backbone.native_bf16): what trains and is stored."""

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from continual_rpt.config_fields import Count, Range, check_ranges, setting
 
 METHODS = ("rpt", "pt", "pt-mlp", "head", "deep-rpt", "deep-pt")
 INITS = ("vocab", "uniform", "text")
@@ -38,22 +41,19 @@ ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 class PromptConfig:
     """How the soft prompt is built, initialised and reparameterized."""
 
-    method: str = field(default="rpt", metadata={"help": "rpt (residual Φ), pt (no Φ), pt-mlp (Φ without the skip), head (no prompt: the head-only control), or deep-rpt / deep-pt (a prompt at every layer)"})
-    n_tokens: int = field(default=10, metadata={"help": "number of virtual tokens n"})
-    init: str = field(default="vocab", metadata={"help": "vocab (sampled vocabulary embeddings), uniform in [-0.5, 0.5], or text"})
-    init_text: str = field(default="", metadata={"help": "text whose token embeddings initialise P (init=text), repeated to n tokens"})
-    bottleneck: int = field(default=400, metadata={"help": "width m of φ's hidden layer"})
-    activation: str = field(default="relu", metadata={"help": "φ's non-linearity: relu, tanh or gelu"})
-    layer_norm: bool = field(default=True, metadata={"help": "LayerNorm at the end of φ"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout inside φ (training only)"})
-    per_token: bool = field(default=False, metadata={"help": "one φ per prompt token instead of one shared φ"})
-    per_layer: bool = field(default=False, metadata={"help": "deep-rpt: one φ per layer instead of one shared by all layers"})
-    layer_embedding: bool = field(default=False, metadata={"help": "deep-rpt: a learned vector per layer (zero at the start) added to P before Φ"})
-    blocks: int = field(default=1, metadata={"help": "number of stacked reparameterization blocks"})
-    match_embedding_scale: bool = field(
-        default=False,
-        metadata={"help": "initialise φ's LayerNorm gain so that φ(P_i) starts at the norm of the backbone's word embeddings"},
-    )
+    method: str = setting("rpt", "rpt (residual Φ), pt (no Φ), pt-mlp (Φ without the skip), head (no prompt: the head-only control), or deep-rpt / deep-pt (a prompt at every layer)")
+    n_tokens: Count = setting(10, "number of virtual tokens n")
+    init: str = setting("vocab", "vocab (sampled vocabulary embeddings), uniform in [-0.5, 0.5], or text")
+    init_text: str = setting("", "text whose token embeddings initialise P (init=text), repeated to n tokens")
+    bottleneck: Count = setting(400, "width m of φ's hidden layer")
+    activation: str = setting("relu", "φ's non-linearity: relu, tanh or gelu")
+    layer_norm: bool = setting(True, "LayerNorm at the end of φ")
+    dropout: Annotated[float, Range(low=0, high=1, high_open=True, words="in [0, 1)")] = setting(0.0, "dropout inside φ (training only)")
+    per_token: bool = setting(False, "one φ per prompt token instead of one shared φ")
+    per_layer: bool = setting(False, "deep-rpt: one φ per layer instead of one shared by all layers")
+    layer_embedding: bool = setting(False, "deep-rpt: a learned vector per layer (zero at the start) added to P before Φ")
+    blocks: Count = setting(1, "number of stacked reparameterization blocks")
+    match_embedding_scale: bool = setting(False, "initialise φ's LayerNorm gain so that φ(P_i) starts at the norm of the backbone's word embeddings")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,11 +64,7 @@ class PromptConfig:
             raise ValueError("init_text: must be a non-empty text when init is 'text'")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        for name in ("n_tokens", "bottleneck", "blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        check_ranges(self)
         for name in ("per_layer", "layer_embedding"):
             if getattr(self, name) and self.method != "deep-rpt":
                 raise ValueError(f"{name}: applies to deep-rpt (a Φ at every layer), not to {self.method}")

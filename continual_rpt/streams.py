@@ -33,11 +33,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
 from continual_rpt.backbones import BackboneConfig
 from continual_rpt.bank import check_name
+from continual_rpt.config_fields import Count, Range, check_ranges, setting
 from continual_rpt.learner import TrainConfig
 from continual_rpt.prompts import PromptConfig
 from continual_rpt.recipes import recipe_for
@@ -56,28 +58,28 @@ from continual_rpt.tasks.data import utf8_text
 
 SECTIONS = ("data", "prompt", "train")
 EVAL_MODES = ("once", "every")  # the stream's `eval`: earlier tasks verified by checksum, or re-scored
+ALL_OR_N = Range(low=0, words="0 (all) or more")  # DataConfig's subset sizes: 0 takes everything
+WEIGHT = Range(low=0, high=math.inf, high_open=True, words="a finite number ≥ 0")  # BaselineConfig's loss weights
 
 
 @dataclass
 class DataConfig:
     """Where a task's data comes from and how much of it trains."""
 
-    data_dir: str = field(default="", metadata={"help": "folder with <Task>/{train,val}.jsonl, or the CL benchmark layout (default: $CRPT_DATA_DIR)"})
-    train_dir: str = field(default="", metadata={"help": "take train.jsonl from this folder instead (relative: to the data dir), e.g. FewGLUE"})
-    source: str = field(default="files", metadata={"help": "files (official jsonl) or hub (Hugging Face aps/super_glue)"})
-    k_per_class: int = field(default=0, metadata={"help": "train on k examples per class (0: all)"})
-    max_train: int = field(default=0, metadata={"help": "train on a seeded subset of this many examples (0: all)"})
-    max_eval: int = field(default=0, metadata={"help": "evaluate on a fixed subset of this many dev and test examples each (MultiRC: questions; 0: all)"})
-    split_from: str = field(default="", metadata={"help": "CL benchmark layout: carve train, dev and test out of this one file (train or test)"})
+    data_dir: str = setting("", "folder with <Task>/{train,val}.jsonl, or the CL benchmark layout (default: $CRPT_DATA_DIR)")
+    train_dir: str = setting("", "take train.jsonl from this folder instead (relative: to the data dir), e.g. FewGLUE")
+    source: str = setting("files", "files (official jsonl) or hub (Hugging Face aps/super_glue)")
+    k_per_class: Annotated[int, ALL_OR_N] = setting(0, "train on k examples per class (0: all)")
+    max_train: Annotated[int, ALL_OR_N] = setting(0, "train on a seeded subset of this many examples (0: all)")
+    max_eval: Annotated[int, ALL_OR_N] = setting(0, "evaluate on a fixed subset of this many dev and test examples each (MultiRC: questions; 0: all)")
+    split_from: str = setting("", "CL benchmark layout: carve train, dev and test out of this one file (train or test)")
 
     def __post_init__(self) -> None:
         if self.source not in ("files", "hub"):
             raise ValueError(f"source: {self.source!r} is not one of files, hub")
         if self.split_from not in SPLIT_FROM:
             raise ValueError(f"split_from: {self.split_from!r} is not one of train, test (or empty)")
-        for name in ("k_per_class", "max_train", "max_eval"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be 0 (all) or more, got {getattr(self, name)}")
+        check_ranges(self)
 
 
 @dataclass
@@ -87,19 +89,15 @@ class BaselineConfig:
     # Untuned. EWC's importances are squared gradients, and the prompt's are tiny: on the embedded MiniLM
     # (CB then RTE, 16 examples per class, 3 epochs) Σ F·Δθ² came to 1.2e-4 against a cross-entropy of 0.66,
     # so λ = 1000 makes the penalty about a fifth of the loss there, more as the prompt drifts further.
-    ewc_lambda: float = field(default=1000.0, metadata={"help": "EWC: weight λ of the importance-weighted penalty"})
-    lwf_alpha: float = field(default=1.0, metadata={"help": "LwF: weight of the distillation loss (the LwF paper's and Avalanche's default)"})
-    lwf_temperature: float = field(default=2.0, metadata={"help": "LwF: softmax temperature of the distillation"})
-    replay_mem_size: int = field(default=200, metadata={"help": "replay: examples kept, balanced over the tasks seen (Avalanche's default)"})
-    agem_patterns_per_exp: int = field(default=100, metadata={"help": "A-GEM: examples kept per task"})
-    agem_sample_size: int = field(default=64, metadata={"help": "A-GEM: memory examples per reference gradient (Avalanche's default)"})
+    ewc_lambda: Annotated[float, WEIGHT] = setting(1000.0, "EWC: weight λ of the importance-weighted penalty")
+    lwf_alpha: Annotated[float, WEIGHT] = setting(1.0, "LwF: weight of the distillation loss (the LwF paper's and Avalanche's default)")
+    lwf_temperature: Annotated[float, WEIGHT] = setting(2.0, "LwF: softmax temperature of the distillation")
+    replay_mem_size: Count = setting(200, "replay: examples kept, balanced over the tasks seen (Avalanche's default)")
+    agem_patterns_per_exp: Count = setting(100, "A-GEM: examples kept per task")
+    agem_sample_size: Count = setting(64, "A-GEM: memory examples per reference gradient (Avalanche's default)")
 
     def __post_init__(self) -> None:
-        bad = [(name, value) for name, value in dataclasses.asdict(self).items()
-               if not (math.isfinite(value) and value >= (1 if isinstance(value, int) else 0))]
-        if bad:
-            name, value = bad[0]
-            raise ValueError(f"{name}: must be {'at least 1' if isinstance(value, int) else 'a finite number ≥ 0'}, got {value}")
+        check_ranges(self)
 
 
 @dataclass

