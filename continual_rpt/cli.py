@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from continual_rpt.learner import train_task
     from continual_rpt.run import hub_bars
     from continual_rpt.strategies import METHODS, SINGLE_TASK_METHODS
-    from continual_rpt.strategies.base import entry_for
+    from continual_rpt.strategies.base import entry_for, measure_test
     from continual_rpt.streams import load_data
 
     if args.out.exists():  # checked again when writing, under a lock: another training may take --out meanwhile
@@ -149,12 +149,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = {"backbone": dataclasses.asdict(backbone_cfg), "prompt": dataclasses.asdict(spec.prompt), "train": dataclasses.asdict(spec.train)}
     with tracking.session(args.report_to, args.logging_dir, spec.name, config):
         trained = train_task(backbone, data, spec.prompt, spec.train, args.progress and rank == 0)
-        tracking.log({f"{spec.name}/test/{k}": v for k, v in trained.metrics["test"].items()})
+        measured = measure_test(backbone, data, spec.train, trained)
+        tracking.log({f"{spec.name}/test/{k}": v for k, v in measured.metrics.get("test", {}).items()})
     if rank != 0:  # under `accelerate launch` every process holds the same result; one writes it
         return 0
-    entry_for(spec, data, backbone, backbone_cfg, trained).save_pretrained(args.out, overwrite=False)
+    entry_for(spec, data, backbone, backbone_cfg, trained, measured=measured).save_pretrained(args.out, overwrite=False)
     m = trained.metrics
-    test = ", ".join(f"{k} {v:.1f}" for k, v in m["test"].items())
+    test = ", ".join(f"{k} {v:.1f}" for k, v in measured.metrics.get("test", {}).items()) or "(no test split)"
     print(f"{m['task']} ({m['method']}): dev {m['dev_score']:.1f}  test {test}")
     print(f"trainable {m['trainable_parameters']:,}  stored {m['stored_parameters']:,}  "
           f"{m['train_examples_per_second']:.1f} train ex/s  {m['wall_seconds']:.0f} s  -> {args.out}")
@@ -224,8 +225,9 @@ def cmd_bank(args: argparse.Namespace) -> int:
         print(f"{'task':<{task_width}}{'method':<{method_width}}{'tokens':>7}{'test':>8}  backbone")
         for name, entry in entries:
             m = entry.meta
+            test = entry.metrics.get("test_score")  # none where the entry was stored unmeasured (a shared prompt's final state)
             print(f"{name:<{task_width}}{m['method']:<{method_width}}{m['prompt_tokens']:>7}"
-                  f"{entry.metrics.get('test_score', float('nan')):>8.1f}  {m['backbone']['name']}")
+                  f"{'—' if test is None else f'{test:.1f}':>8}  {m['backbone']['name']}")
         return 0
     if args.bank_command == "show":
         from continual_rpt.strategies.base import shown_meta

@@ -1,7 +1,8 @@
 """Train P and Φ (and an encoder's per-task heads) on a frozen backbone, early-stopped on dev.
 
 `train_task` trains one task; its result is what a bank stores: the collapsed prompt P′ = Φ(P) of
-the best dev evaluation, the head at that point, and the metrics. Φ itself is thrown away.
+the best dev evaluation, the head at that point, and the training metrics. Φ itself is thrown away.
+The learner never reads the test split: whoever stores the result measures it (strategies.base.measure_test).
 `train_joint` trains one prompt on several tasks at once (the multitask upper bound). Both run
 the same loop: length-bucketed batches (one task per batch), bf16 autocast, AdamW, a dev
 evaluation per epoch (or every `eval_every` steps), non-finite steps dropped, best state kept.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import torch
@@ -74,13 +75,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainedTask:
-    """A trained task: collapsed prompt P′ (None for the head-only control), head weights, metrics."""
+    """A trained task: collapsed prompt P′ (None for the head-only control), head weights, training metrics."""
 
     prompt: Tensor | None
     head: dict[str, Tensor] | None
     metrics: dict
     history: list[dict]
-    test_predictions: list[int] = field(default_factory=list)  # of the stored P′ and head, in test order
+    uncollapsed: Tensor | None = None  # P as trained, before Φ (reparameterized methods): to measure what Φ adds
 
 
 def build_prompt(backbone: Backbone, cfg: PromptConfig, seed: int) -> ResidualPrompt:
@@ -320,30 +321,14 @@ def _train(
                                f"({skipped} non-finite steps dropped); lower --lr")
 
     best.restore(prompt, heads)
+    uncollapsed = prompt.prompt.detach().clone() if prompt is not None and prompt.cfg.reparameterized else None
     results = []
     for t, data in enumerate(datas):
-        test, added, predictions = {}, {}, []
-        if data.test:
-            features = backbone.featurize(data.test, max_tokens)
-
-            def test_predictions(used: Tensor | None) -> list[int]:  # None: the head alone, context or not
-                return distributed.predict_split(backbone, with_context(used, context), heads[t], features, cfg.eval_batch_size, cfg.bf16)
-
-            predictions = test_predictions(best.collapsed)
-            test = data.task.score(data.test, predictions)
-            # What the prompt adds: the trained head alone, and P without the Φ it was trained through.
-            if prompt is not None and heads[t] is not None:
-                added["test_without_prompt"] = data.task.score(data.test, test_predictions(None))["score"]
-            if prompt is not None and prompt.cfg.reparameterized:
-                added["test_without_phi"] = data.task.score(data.test, test_predictions(prompt.prompt.detach().clone()))["score"]
         n_head = sum(p.numel() for p in heads[t].parameters()) if heads[t] is not None else 0
         metrics = {
             "task": data.task.name,
             "method": prompt_cfg.method,
             "dev_score": best.scores[t],
-            "test": test,
-            "test_score": test.get("score", math.nan),
-            **added,
             "best_step": best.step,
             "steps": step,
             "skipped_nonfinite_steps": skipped,
@@ -355,5 +340,5 @@ def _train(
             "wall_seconds": wall,
             "train_examples_per_second": seen / train_seconds if train_seconds else math.nan,
         }
-        results.append(TrainedTask(prompt=best.collapsed, head=best.heads[t], metrics=metrics, history=history, test_predictions=predictions))
+        results.append(TrainedTask(best.collapsed, best.heads[t], metrics, history, uncollapsed))
     return results

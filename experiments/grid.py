@@ -53,6 +53,7 @@ from continual_rpt.controls import best_constant, fit_linear_probe
 from continual_rpt.intervals import LEVEL, ONE_SEED_NOTE, by_seed, examples_id, intervals, resampled_scores
 from continual_rpt.learner import TrainConfig, TrainingDiverged, train_task
 from continual_rpt.prompts import PromptConfig
+from continual_rpt.strategies.base import measure_test
 from continual_rpt.streams import load_data, parse_stream
 from continual_rpt.tasks.data import sampled_rows
 
@@ -161,7 +162,8 @@ def run_grid(spec: dict, spec_path: Path, results: Path = RESULTS) -> Path:
             write_record(path, record)
             print(f"{run_name(task, variant, method, seed):28s} diverged: {err}", flush=True)
             continue
-        record = {**result.metrics, **common, **resampled(data, result.test_predictions), "history": result.history}
+        measured = measure_test(backbone, data, train_cfg, result)
+        record = {**result.metrics, **measured.metrics, **common, **resampled(data, measured.predictions), "history": result.history}
         write_record(path, record)
         print(f"{run_name(task, variant, method, seed):28s} dev {record['dev_score']:.1f} test {record['test_score']:.1f} "
               f"({record['wall_seconds']:.0f} s, {record['train_examples_per_second']:.1f} ex/s)", flush=True)

@@ -32,6 +32,7 @@ from grid import machine_description  # noqa: E402
 
 from continual_rpt.evaluation import option_scores  # noqa: E402
 from continual_rpt.learner import train_task  # noqa: E402
+from continual_rpt.strategies.base import measure_test  # noqa: E402
 from continual_rpt.streams import load_data, load_stream  # noqa: E402
 
 STREAM = Path(__file__).resolve().parents[1] / "streams" / "superglue-cpu.yaml"
@@ -65,12 +66,14 @@ def measure(backbone, spec, data) -> dict:
     """Train `spec` with a bf16 head and with an fp32 head; rescore the bf16-trained head in fp32."""
     new_head = backbone.new_head
     trained = {"bf16": train_task(backbone, data, spec.prompt, spec.train)}
+    tests = {"bf16": measure_test(backbone, data, spec.train, trained["bf16"]).metrics["test_score"]}
     backbone.new_head = lambda task: fp32_head(new_head(task))  # same seed, same initial weights, fp32 compute
     try:
         trained["fp32"] = train_task(backbone, data, spec.prompt, spec.train)
+        tests["fp32"] = measure_test(backbone, data, spec.train, trained["fp32"]).metrics["test_score"]  # through its fp32 head
     finally:
         del backbone.new_head
-    result = {f"trained_{k}": {"dev": t.metrics["dev_score"], "test": t.metrics["test_score"], "steps": t.metrics["steps"]}
+    result = {f"trained_{k}": {"dev": t.metrics["dev_score"], "test": tests[k], "steps": t.metrics["steps"]}
               for k, t in trained.items()}
     head = new_head(data.task)
     head.load_state_dict(trained["bf16"].head)

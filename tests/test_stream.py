@@ -10,9 +10,10 @@ from crash import killed
 
 from continual_rpt.bank import PromptBank
 from continual_rpt.cli import main
-from continual_rpt.evaluation import average_score, backward_transfer, forgetting, load_answerer
+from continual_rpt.evaluation import average_score, backward_transfer, forgetting, load_answerer, predict_from_bank
 from continual_rpt.learner import train_task
 from continual_rpt.run import run_stream
+from continual_rpt.strategies import bank as bank_strategy
 from continual_rpt.strategies.base import entry_for
 from continual_rpt.streams import load_data, load_stream
 
@@ -40,9 +41,12 @@ def test_continual_metrics_by_hand():
     assert forgetting([[50.0]]) is None and backward_transfer([[50.0]]) is None
 
 
-def test_three_task_stream_has_exactly_no_forgetting(tmp_path, tiny_bert_dir, superglue_dir):
+def test_three_task_stream_has_exactly_no_forgetting(tmp_path, tiny_bert, tiny_bert_dir, superglue_dir, monkeypatch):
     stream = load_stream(write_stream(tmp_path, tiny_bert_dir, superglue_dir, ["CB", "COPA", {"task": "RTE", "prompt": {"method": "pt"}}]))
+    rescored = []  # the strategy scoring a stored entry again (checked to fail with BankStrategy.predict always reading the bank)
+    monkeypatch.setattr(bank_strategy, "predict_from_bank", lambda bank, name, *rest: rescored.append(name) or predict_from_bank(bank, name, *rest))
     metrics = run_stream(stream, tmp_path / "run", progress=False)
+    assert rescored == []
     R = metrics["accuracy_matrix"]
     assert R[0][0] == R[1][0] == R[2][0] and R[1][1] == R[2][1]
     assert metrics["forgetting"] == 0.0 and metrics["backward_transfer"] == 0.0
@@ -52,8 +56,13 @@ def test_three_task_stream_has_exactly_no_forgetting(tmp_path, tiny_bert_dir, su
     assert set(metrics["per_task"]["RTE"]) >= {"prompt_tokens_in_context", "trainable_parameters", "stored_parameters", "task_seconds"}
     bank = PromptBank.open(tmp_path / "run" / "bank")
     assert bank.tasks() == ["CB", "COPA", "RTE"]
-    # The bank answers exactly as the learner scored right after training (same precision and length).
-    assert all(R[i][i] == bank.get(t).metrics["test_score"] for i, t in enumerate(["CB", "COPA", "RTE"]))
+    # Each task's test split is scored once, on the state just before it was stored (the entry records that score),
+    # and the stored entry answers exactly so: the same predictions, read back from the bank.
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    for i, (t, spec) in enumerate(zip(["CB", "COPA", "RTE"], stream.tasks)):
+        assert R[i][i] == bank.get(t).metrics["test_score"] == state["scored"][t]["score"]["score"]
+        test = load_data(spec, stream.base_dir).test
+        assert predict_from_bank(bank, t, test, tiny_bert) == state["scored"][t]["predictions"]
     assert "learn RTE" in (tmp_path / "run" / "log.txt").read_text()
 
 

@@ -12,6 +12,7 @@ from continual_rpt.cli import main
 from continual_rpt.evaluation import length_batches, predict
 from continual_rpt.learner import TrainConfig, build_prompt, make_optimizer, train_step, train_task
 from continual_rpt.prompts import PromptConfig
+from continual_rpt.strategies.base import measure_test
 from continual_rpt.tasks import load_task_data
 
 FAST = TrainConfig(epochs=1, batch_size=8, max_length=128, bf16=False)
@@ -111,9 +112,19 @@ def test_learner_result_and_metrics(tiny_bert, superglue_dir):
     # (measured 0.69306 -> 0.69248 on the random model; head_lr 0.1 so that six steps move it). Checked to fail
     # with train_step's optimizer.step() removed and with the loss's gradient ascended instead of descended.
     assert train_loss(result.prompt, head) < before - 1e-4
+    # The learner never reads the test split: measure_test measures the stored state, once, with what the prompt adds.
+    assert not {"test", "test_score", "test_without_prompt", "test_without_phi"} & set(m)
+    untested = train_task(tiny_bert, dataclasses.replace(data, test=[]), prompt_cfg, cfg)
+    assert torch.equal(untested.prompt, result.prompt) and untested.metrics["dev_score"] == m["dev_score"]
+    measured = measure_test(tiny_bert, data, cfg, result)
     predictions = predict(tiny_bert, result.prompt, head, data.test, 128, bf16=False)
-    assert data.task.score(data.test, predictions) == m["test"]
-    assert result.test_predictions == predictions  # what grids resample for confidence intervals
+    assert measured.predictions == predictions  # what grids resample for confidence intervals
+    assert measured.metrics["test"] == data.task.score(data.test, predictions)
+    alone = predict(tiny_bert, None, head, data.test, 128, bf16=False)
+    without_phi = predict(tiny_bert, result.uncollapsed, head, data.test, 128, bf16=False)
+    assert measured.metrics["test_without_prompt"] == data.task.score(data.test, alone)["score"]
+    assert measured.metrics["test_without_phi"] == data.task.score(data.test, without_phi)["score"]
+    assert not torch.equal(result.uncollapsed, result.prompt)  # P before Φ, not P′
 
 
 def test_head_only_control_has_no_prompt(tiny_bert, superglue_dir):

@@ -43,6 +43,7 @@ from continual_rpt.backbones import EMBEDDED, Backbone, load_backbone
 from continual_rpt.bank import INDEX_FILE, ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import Answerer, load_answerer, mixed_option_scores
 from continual_rpt.routing import ROUTERS, Featurization, answerable, confidence, route_features, shared_precision
+from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.rows import Item, Parsed, RowError, read_for_routing, read_row
 from continual_rpt.tasks import Example, Task
 
@@ -123,7 +124,7 @@ class ServedBank:
     """A prompt bank loaded for serving: `parse` checks requests, `answer` answers many in one mixed batch, `refresh` grows it."""
 
     def __init__(self, bank_path: str | Path, backbone: str | None = None, device: str = "cpu", router: str = "mahalanobis",
-                 batch_size: int = 64) -> None:
+                 batch_size: int = Limits().forward_batch) -> None:
         if router not in ROUTERS:
             raise ValueError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
         self.path = Path(bank_path)

@@ -35,10 +35,9 @@ from torch import Tensor, nn
 from continual_rpt.atomic import replace_safetensors
 from continual_rpt.backbones import Backbone
 from continual_rpt.bank import PromptBank
-from continual_rpt.evaluation import predict_features
 from continual_rpt.learner import BestState, dev_scores, make_optimizer
 from continual_rpt.strategies.avalanche_model import FeatureStore, SharedPromptModel, task_dataset, tokens_in_context
-from continual_rpt.strategies.shared import SharedStrategy
+from continual_rpt.strategies.shared import OnePromptStrategy
 from continual_rpt.streams import BaselineConfig, Stream, TaskSpec
 from continual_rpt.tasks import TaskData
 
@@ -120,7 +119,7 @@ class _DevEarlyStopping(SupervisedPlugin):
             self.best.restore(self.owner.prompt, list(self.owner.model.heads.values()))
 
 
-class AvalancheStrategy(SharedStrategy):
+class AvalancheStrategy(OnePromptStrategy):
     """The shared prompt trained task after task by one of Avalanche's strategies, a head per task."""
 
     CHECKPOINT = "avalanche.safetensors"
@@ -185,13 +184,8 @@ class AvalancheStrategy(SharedStrategy):
         return {k: v.detach().clone() for k, v in self.model.heads[key].state_dict().items()}
 
     def _task_metrics(self, i: int, spec: TaskSpec, data: TaskData, wall: float) -> dict:
-        """What a bank entry reports: the best dev evaluation, the test score in that state, and the epochs' losses."""
-        collapsed, head = self.prompt.collapse(), self._head(spec.name, data.task)
-        max_tokens = spec.train.max_length - tokens_in_context(self.stream, i)
-        test = {}
-        if data.test:
-            test = data.task.score(data.test, predict_features(self.backbone, collapsed, head, self.backbone.featurize(data.test, max_tokens),
-                                                               spec.train.eval_batch_size, spec.train.bf16))
+        """What a bank entry reports: the best dev evaluation and the epochs' losses (the run scores the test split)."""
+        head = self._head(spec.name, data.task)
         n_head = sum(p.numel() for p in head.parameters()) if head is not None else 0
         _, losses = self.evaluator.get_all_metrics().get(f"Loss_Epoch/train_phase/train_stream/Task{i:03d}", ([], []))
         best, epochs = self.early_stopping.best, len(self.early_stopping.dev_history)
@@ -202,8 +196,6 @@ class AvalancheStrategy(SharedStrategy):
             "strategy_options": self.options,
             "early_stopping": True,
             "dev_score": best.scores[0] if best.step else math.nan,
-            "test": test,
-            "test_score": test.get("score", math.nan),
             "epochs": epochs,
             "best_step": best.step,
             "steps": self.avalanche.clock.train_exp_iterations,

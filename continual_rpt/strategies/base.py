@@ -11,22 +11,28 @@
 `learn` must be idempotent for a task already learned (an interrupted run calls it again);
 `predict` uses the strategy's current state, so a strategy that changes old tasks' answers shows
 forgetting in the accuracy matrix.
+
+Measurement happens once per task. The learner never reads the test split; a strategy that
+stores a trained state as a bank entry measures that state here (`measure_test`: its test answers
+and what the prompt adds), records the scores in the entry, and answers the run's first `predict`
+of the task with those answers instead of scoring the stored entry a second time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from torch import Tensor
 
-from continual_rpt import __version__
+from continual_rpt import __version__, distributed
 from continual_rpt.backbones import Backbone, BackboneConfig
 from continual_rpt.bank import META_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import load_answerer
-from continual_rpt.learner import TrainedTask, with_context
+from continual_rpt.learner import TrainConfig, TrainedTask, with_context
 from continual_rpt.routing import routable, route_state
 from continual_rpt.streams import SECTIONS, Stream, TaskSpec, load_data, spec_from_entry
 from continual_rpt.tasks import DataError, Example, Task, TaskData
@@ -56,12 +62,51 @@ class Strategy(Protocol):
         """Store whatever the bank still lacks, so that it answers every task of the stream."""
 
 
+@dataclass
+class Measured:
+    """A trained state's test answers (in test order) and the scores an entry records of them."""
+
+    predictions: list[int]
+    metrics: dict  # test (every metric), test_score, and what the prompt adds: test_without_prompt, test_without_phi
+
+
+def measure_test(backbone: Backbone, data: TaskData, cfg: TrainConfig, trained: TrainedTask, context: Tensor | None = None) -> Measured:
+    """Test answers of the collapsed prompt and head as a bank stores them, and what the prompt adds (the head alone; P without Φ).
+
+    `context`: the frozen prompts that follow P′ (Progressive Prompts). Every process of a launch
+    takes part (each predicts its share); an empty test split measures nothing.
+    """
+    if not data.test:
+        return Measured([], {})
+    cfg = cfg.on(backbone)
+    head = None
+    if trained.head is not None:
+        head = backbone.new_head(data.task)
+        head.load_state_dict(trained.head)
+    features = backbone.featurize(data.test, cfg.max_length - trained.metrics["prompt_tokens_in_context"])
+
+    def answers(prompt: Tensor | None) -> list[int]:  # None: the head alone, context or not
+        given = with_context(None if prompt is None else prompt.to(backbone.device), context)
+        return distributed.predict_split(backbone, given, head, features, cfg.eval_batch_size, cfg.bf16)
+
+    predictions = answers(trained.prompt)
+    test = data.task.score(data.test, predictions)
+    metrics = {"test": test, "test_score": test["score"]}
+    if trained.prompt is not None and head is not None:
+        metrics["test_without_prompt"] = data.task.score(data.test, answers(None))["score"]
+    if trained.uncollapsed is not None:
+        metrics["test_without_phi"] = data.task.score(data.test, answers(trained.uncollapsed))["score"]
+    return Measured(predictions, metrics)
+
+
 def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: BackboneConfig, trained: TrainedTask,
-              context: Tensor | None = None) -> Entry:
+              context: Tensor | None = None, measured: Measured | None = None) -> Entry:
     """The bank entry of a trained task: P′ and head, plus everything needed to trust and reuse them.
 
     `context`: the frozen prompts that follow P′ when it answers (Progressive Prompts), so that the
-    router's temperature is fitted on the answers the entry gives.
+    router's temperature is fitted on the answers the entry gives. `measured`: its test scores
+    (`measure_test`), recorded with the training metrics; an entry stored without them (a prompt
+    shared by every task, which moved on after the task was learned) records none.
     """
     spec = dataclasses.replace(spec, train=spec.train.on(backbone))  # an unset bf16 is stored as the device decides it
     meta = {
@@ -92,7 +137,8 @@ def entry_for(spec: TaskSpec, data: TaskData, backbone: Backbone, backbone_cfg: 
         head.load_state_dict(trained.head)
     prompt = None if trained.prompt is None else with_context(trained.prompt, context).to(backbone.device)
     route = task_route_state(backbone, spec, data, prompt, head)
-    return Entry(trained.prompt, trained.head, meta, config, {**trained.metrics, "history": trained.history}, route)
+    metrics = {**trained.metrics, **(measured.metrics if measured else {}), "history": trained.history}
+    return Entry(trained.prompt, trained.head, meta, config, metrics, route)
 
 
 def shown_meta(meta: dict, folder: Path, first: int = 3) -> dict:

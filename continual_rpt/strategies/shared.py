@@ -1,4 +1,11 @@
-"""One prompt shared by every task: trained task after task (the forgetting baseline) or on all tasks at once (the upper bound)."""
+"""One prompt shared by every task, with a head per task: the common part, and its two plain uses.
+
+`OnePromptStrategy` holds the prompt, the heads, the checkpoint, prediction and the final bank;
+what differs is how the prompt learns: task after task (`SharedStrategy`, the forgetting baseline),
+on all tasks at once (`MultitaskStrategy`, the upper bound), or in Avalanche's loop with a
+continual-learning method (strategies.avalanche). Their entries record no test score: the prompt
+kept moving after each task was learned, and the run's metrics.json holds what the final one answers.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +26,11 @@ from continual_rpt.streams import Stream, TaskSpec
 from continual_rpt.tasks import Example, Task, TaskData
 
 
-class SharedStrategy:
-    """One prompt trained on every task in turn, with a fresh head per task; checkpointed after each task."""
+class OnePromptStrategy:
+    """One prompt for every task and a head per task, checkpointed after each task; subclasses say how the prompt learns."""
 
     CHECKPOINT = "shared.safetensors"
-    answers_fixed = False  # the shared prompt moves with every task (and Avalanche's subclasses with it)
+    answers_fixed = False  # the one prompt moves with every task
 
     def __init__(self, stream: Stream, backbone: Backbone, bank: PromptBank, out: Path) -> None:
         self.stream, self.backbone, self.bank, self.out = stream, backbone, bank, out
@@ -65,15 +72,6 @@ class SharedStrategy:
         """None: the one shared prompt is the whole prompt."""
         return []
 
-    def learn(self, i: int, spec: TaskSpec, data: dict[str, TaskData], progress: bool) -> bool:
-        """Keep training the shared prompt on task i with a fresh head."""
-        if spec.name not in self.heads:
-            trained = train_task(self.backbone, data[spec.name], spec.prompt, spec.train, progress, prompt=self.prompt)
-            self.heads[spec.name] = trained.head
-            self.metrics[spec.name] = {**trained.metrics, "history": trained.history}
-            self._checkpoint()
-        return True
-
     def _head(self, name: str, task):
         state = self.heads[name]
         if state is None:
@@ -102,7 +100,20 @@ class SharedStrategy:
             self.bank.add(spec.name, entry)
 
 
-class MultitaskStrategy(SharedStrategy):
+class SharedStrategy(OnePromptStrategy):
+    """One prompt trained on every task in turn, with a fresh head per task (the forgetting baseline)."""
+
+    def learn(self, i: int, spec: TaskSpec, data: dict[str, TaskData], progress: bool) -> bool:
+        """Keep training the shared prompt on task i with a fresh head."""
+        if spec.name not in self.heads:
+            trained = train_task(self.backbone, data[spec.name], spec.prompt, spec.train, progress, prompt=self.prompt)
+            self.heads[spec.name] = trained.head
+            self.metrics[spec.name] = {**trained.metrics, "history": trained.history}
+            self._checkpoint()
+        return True
+
+
+class MultitaskStrategy(OnePromptStrategy):
     """The upper bound: one prompt and a head per task trained on all tasks together, once all are known."""
 
     def learn(self, i: int, spec: TaskSpec, data: dict[str, TaskData], progress: bool) -> bool:
