@@ -40,7 +40,7 @@ from torch import Tensor
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.bank import ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import bank_option_scores, option_scores, per_example, predict_from_bank
-from continual_rpt.tasks import Example, task_from_meta
+from continual_rpt.tasks import DataError, Example, Task, TaskData, task_from_meta
 
 ROUTERS = ("mahalanobis", "prototype", "confidence")
 RANK = 8  # principal directions kept per task; the rest of its variance is kept per coordinate
@@ -328,39 +328,72 @@ def answer_as(task, other_meta: dict, index: int) -> int | None:
     return None
 
 
-def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
-                     cache: dict[str, dict], router: str = "mahalanobis") -> tuple[dict, dict] | None:
-    """Every seen task's test score when each example is routed among the entries of `names` (None if one cannot be).
+def test_readings(tasks: dict[str, Task], home: str, d: TaskData) -> list[dict[str, Example]]:
+    """Each test example of task `home` as every one of `tasks` reading its row reads it (in `tasks`' order): as
+    `crpt bank predict` offers a row (`reads_row`, then `parse_inputs`); `home` reads it as the example itself."""
+    parsed: dict[tuple[str, str], list[Example]] = {}  # (task, where the row was read) -> its examples
 
-    `aware` holds each task's task-aware predictions, reused where an example is routed home; `cache`
-    keeps the test inputs' features per task and featurization (the backbone is frozen, so they never
-    change). As `crpt bank predict` routes a file's row only among the entries whose parser reads it,
-    an example is routed only among the entries whose task reads its task's row fields (WiC rows
-    never go to RTE), each comparing it under its own featurization. An example routed to another
-    entry gets that entry's answer where both tasks name it (Amazon and Yelp share their labels) and
-    no answer otherwise (`answer_as`). Returns (scores, confusion).
+    def read(name: str, where: str, row: dict) -> list[Example]:
+        if (name, where) not in parsed:
+            try:
+                parsed[name, where] = tasks[name].parse_inputs(row, where) if tasks[name].reads_row(row) else []
+            except DataError:  # the fields are there but hold what this task cannot read
+                parsed[name, where] = []
+        return parsed[name, where]
+
+    sources = [d.test_rows[example] for example in d.test]
+    return [{name: example if name == home else read(name, s.where, s.row)[s.k] for name in tasks
+             if name == home or len(read(name, s.where, s.row)) > s.k} for example, s in zip(d.test, sources)]
+
+
+def task_free_answers(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
+                      cache: dict, router: str = "mahalanobis") -> dict[str, list[tuple[str, int]]]:
+    """Every seen task's test examples answered as `crpt bank predict` without a task answers their rows: the entry
+    of `names` each is routed to, and its answer (an index in that entry's own task).
+
+    Like `route`, an example is compared with the entries reading its row (`test_readings`) as the first of
+    them reads it, and the entry chosen answers its own reading: on a seq2seq or decoder backbone a task's
+    source names the task and its candidates are its labels. `aware` holds each task's task-aware answers,
+    reused where an example is routed home; `cache` keeps the test inputs' features per task and reading.
     """
-    if not all(name in bank for name in names):
-        return None  # a strategy that writes its entries only at the end of the stream
     entries = {name: bank.get(name) for name in names}
-    if any(e.route is None for e in entries.values()):
-        return None
-    scores, confusion = {}, {}
+    tasks = {name: task_from_meta(entries[name].meta, bank.path / name) for name in names}
+    out = {}
     for name in names:
+        readings = test_readings(tasks, name, data[name])
+        firsts = [next(iter(reading.values())) for reading in readings]  # what is routed, as route() is given it
+        readers = {n: entries[n] for n in names if any(n in reading for reading in readings)}
+        key = (name, tuple(next(iter(reading)) for reading in readings))
+        x = entry_features(readers, bank.path, firsts, backbone, cache.setdefault(key, {}))
+        groups: dict[tuple[str, ...], list[int]] = {}  # the entries reading a row -> its examples, routed among them
+        for i, reading in enumerate(readings):
+            groups.setdefault(tuple(reading), []).append(i)
+        routed = [name] * len(readings)
+        for group, positions in groups.items():
+            allowed = answerable([entries[n].meta["kind"] for n in group], [firsts[i] for i in positions])
+            chosen, _ = route_features([x[n][positions] for n in group], [entries[n].route for n in group], router, allowed)
+            for i, k in zip(positions, chosen):
+                routed[i] = group[k]
+        answers = list(aware[name])
+        for other in names:
+            mine = [i for i, n in enumerate(routed) if n == other and other != name]
+            for i, answer in zip(mine, predict_from_bank(bank, other, [readings[i][other] for i in mine], backbone) if mine else []):
+                answers[i] = answer
+        out[name] = list(zip(routed, answers))
+    return out
+
+
+def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
+                     cache: dict, router: str = "mahalanobis") -> tuple[dict, dict] | None:
+    """Every seen task's test score from `task_free_answers` (None if an entry is missing or holds no route state):
+    another entry's answer counts where both tasks name it (Amazon and Yelp share labels), else none (`answer_as`).
+    Returns (scores, confusion)."""
+    if not all(name in bank and bank.get(name).route is not None for name in names):
+        return None  # a strategy that writes its entries only at the end of the stream, or entries made before routing
+    metas = {name: bank.get(name).meta for name in names}
+    scores, confusion = {}, {}
+    for name, answered in task_free_answers(bank, names, data, backbone, aware, cache, router).items():
         d = data[name]
-        readers = readers_of(bank, names, d.task)  # the entries route() would be given for these rows
-        x = entry_features({n: entries[n] for n in readers}, bank.path, d.test, backbone, cache.setdefault(name, {}))
-        allowed = answerable([entries[n].meta["kind"] for n in readers], d.test)
-        chosen, _ = route_features([x[n] for n in readers], [entries[n].route for n in readers], router, allowed)
-        routed = [names.index(readers[k]) for k in chosen]
-        predictions: list[int | None] = list(aware[name])
-        for t, other in enumerate(names):
-            mine = [i for i, k in enumerate(routed) if k == t]
-            if other == name or not mine:
-                continue
-            answers = predict_from_bank(bank, other, [d.test[i] for i in mine], backbone)
-            for i, answer in zip(mine, answers):
-                predictions[i] = answer_as(d.task, entries[other].meta, answer)
-        scores[name] = d.task.score(d.test, predictions)
-        confusion[name] = {other: routed.count(t) for t, other in enumerate(names)}
+        scores[name] = d.task.score(d.test, [a if n == name else answer_as(d.task, metas[n], a) for n, a in answered])
+        confusion[name] = {other: sum(n == other for n, _ in answered) for other in names}
     return scores, confusion

@@ -21,7 +21,7 @@ from continual_rpt.report import compare
 from continual_rpt.run import run_stream
 from continual_rpt.strategies import make_strategy
 from continual_rpt.streams import load_data, load_stream
-from continual_rpt.tasks import Example, load_task_data
+from continual_rpt.tasks import CustomTaskConfig, Example, load_custom_data, load_task_data
 
 
 def test_summary_of_inputs_by_hand():
@@ -312,3 +312,15 @@ def test_a_routed_row_is_answered_as_the_entry_it_is_routed_to_reads_it(tmp_path
     assert [(a["uid"], a["prediction"], a["index"]) for a in routed] == \
         [(given[a["task"]][i]["uid"], given[a["task"]][i]["prediction"], given[a["task"]][i]["index"]) for i, a in enumerate(routed)]
     assert {a["task"] for a in routed} == {"yelp"}
+
+
+def test_each_test_example_keeps_the_row_it_was_read_from(tmp_path, superglue_dir):
+    # What lets another entry read a run's test row as its own task reads it (routing.task_free_answers).
+    multirc = load_task_data("MultiRC", superglue_dir)  # several examples per row: each knows which one it is
+    (tmp_path / "train.csv").write_text("text,label\nfine,yes\nbad,no\n")
+    (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"row {i},{'yes' if i % 2 else 'no'}\n" for i in range(6)))
+    custom = load_custom_data(CustomTaskConfig("votes", ("no", "yes"), "text", train="train.csv", validation="val.csv"), tmp_path)
+    for d in (multirc, custom):
+        assert set(d.test_rows) == set(d.test) and not set(d.test_rows) & set(d.dev)
+        assert all(d.task.parse(s.row, s.where)[s.k] == ex for ex, s in d.test_rows.items())
+    assert len({id(multirc.test_rows[ex].row) for ex in multirc.test}) < len(multirc.test)

@@ -11,7 +11,8 @@ from test_stream import write_stream
 
 from continual_rpt.bank import ROUTE_FILE, PromptBank
 from continual_rpt.cli import main
-from continual_rpt.routing import FEATURIZATION_KEYS, Featurization, answer_as
+from continual_rpt.evaluation import predict_from_bank
+from continual_rpt.routing import FEATURIZATION_KEYS, Featurization, answer_as, task_free_answers
 from continual_rpt.run import run_stream
 from continual_rpt.streams import load_data, load_stream
 from continual_rpt.tasks import Example, get_task
@@ -107,3 +108,38 @@ def test_a_misrouted_row_is_wrong_without_an_invented_prediction():
     copa = get_task("COPA")  # a choice task's row answered by another choice entry: no answer either
     assert answer_as(copa, {"kind": "choice", "label_names": []}, 0) is None
     assert copa.score([Example("COPA/val/0", (("p", "a"), ("p", "b")), "", ("a", "b"), 0)], [None])["accuracy"] == 0
+
+
+def test_a_t5_runs_task_free_answers_are_bank_predicts_on_its_test_rows(tmp_path, tiny_t5_dir, tiny_t5, superglue_dir):
+    # On T5 a task's source names the task and its candidates are its labels. Fails on main (checked): the run
+    # routed each test row as its home task reads it ("rte premise: ...", all 40 RTE rows kept home) where bank
+    # predict routes it as the first entry reading the row (CB) reads it (all 40 go to CB), and it answered a row
+    # routed away with the home task's reading (CB's prompt over RTE's source and two labels).
+    stream = load_stream(write_stream(tmp_path, tiny_t5_dir, superglue_dir, ["CB", "RTE"],
+                                      data={"data_dir": str(superglue_dir), "max_train": 16, "max_eval": 40}))
+    run_stream(stream, tmp_path / "run", progress=False)
+    bank = PromptBank.open(tmp_path / "run" / "bank")
+    data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+    with open(tmp_path / "run" / "routing_matrix.csv") as f:
+        final = [r for r in csv.DictReader(f) if r["after_task"] == "RTE"]
+    predicted = {}
+    for name, d in data.items():
+        rows = {json.loads(line)["idx"]: json.loads(line) for line in (superglue_dir / name / "val.jsonl").read_text().splitlines()}
+        path = tmp_path / name / "val.jsonl"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps(rows[int(ex.uid.rsplit("/", 1)[1])]) + "\n" for ex in d.test))
+        assert main(["bank", "predict", str(bank.path), "--input", str(path), "--output", str(tmp_path / f"{name}.jsonl")]) == 0
+        predicted[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        answers = predicted[name]
+        assert {r["routed_to"]: int(r["examples"]) for r in final if r["task"] == name} == \
+            {other: sum(a["task"] == other for a in answers) for other in data}
+        predictions = [a["index"] if a["task"] == name else answer_as(d.task, bank.get(a["task"]).meta, a["index"]) for a in answers]
+        assert d.task.score(d.test, predictions)["score"] == pytest.approx(task_free_final(tmp_path / "run", name), abs=5e-5)
+    # Row for row: the entry each test example went to and its answer there, as bank predict gives them.
+    aware = {name: predict_from_bank(bank, name, d.test, tiny_t5) for name, d in data.items()}
+    answered = task_free_answers(bank, list(data), data, tiny_t5, aware, {})
+    for name in data:
+        assert answered[name] == [(a["task"], a["index"]) for a in predicted[name]]
+    away = [i for i, a in enumerate(predicted["RTE"]) if a["task"] == "CB"]  # RTE rows routed to CB (read first by CB)
+    as_rte_reads_them = predict_from_bank(bank, "CB", [data["RTE"].test[i] for i in away], tiny_t5)
+    assert away and [answered["RTE"][i][1] for i in away] != as_rte_reads_them  # CB answers its own reading of them

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import metrics
 from .base import DataError, Example, Parser, Task
-from .data import TaskData, decode_json_line, halve, read_lines, sample, utf8_text
+from .data import SourceRow, TaskData, decode_json_line, halve, note_sources, read_lines, sample, utf8_text
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 UNKNOWN_LABELS = ("error", "skip")
@@ -242,10 +242,11 @@ def _iter_rows(path: Path, files: dict[str, str]) -> Iterator[Row]:
 
 
 def _parse_rows(parse: Parser, origin: str, rows: Iterable[Row], label_column: str | None,
-                skipped: dict[str, int] | None = None) -> list[Example]:
+                skipped: dict[str, int] | None = None, sources: dict[Example, SourceRow] | None = None) -> list[Example]:
     """Examples of `rows`; with a `label_column`, every row must carry a label.
 
-    With `skipped` given, a row whose label names no class is dropped and counted under `origin`.
+    With `skipped` given, a row whose label names no class is dropped and counted under `origin`;
+    with `sources` given, each example's row is noted there.
     """
     examples = []
     for number, row in rows:
@@ -258,6 +259,7 @@ def _parse_rows(parse: Parser, origin: str, rows: Iterable[Row], label_column: s
             continue
         if label_column is not None and any(example.label < 0 for example in parsed):
             raise DataError(f"{origin}:{number}: missing column '{label_column}' (the row has {list(row)})")
+        note_sources(sources, parsed, row, f"{origin}:{number}")
         examples.extend(parsed)
     return examples
 
@@ -282,8 +284,8 @@ def _load_files(task: Task, cfg: CustomTaskConfig, base_dir: Path, split_seed: i
         path = base_dir / getattr(cfg, field_name)
         return str(path), list(_iter_rows(path, files))
 
-    def parse(origin: str, rows: list[Row]) -> list[Example]:
-        return _parse_rows(task.parse, origin, rows, cfg.label, skipped)
+    def parse(origin: str, rows: list[Row], sources: dict[Example, SourceRow] | None = None) -> list[Example]:
+        return _parse_rows(task.parse, origin, rows, cfg.label, skipped, sources)
 
     train_path, train_rows = load("train")
     held: set[int] = set()
@@ -292,13 +294,15 @@ def _load_files(task: Task, cfg: CustomTaskConfig, base_dir: Path, split_seed: i
         random.Random(split_seed).shuffle(order)
         held = set(order[: len(order) // 3])
     train = parse(train_path, [row for i, row in enumerate(train_rows) if i not in held])
+    test_rows: dict[Example, SourceRow] = {}
     if cfg.split_from == "train" or cfg.validation is not None:
         carved = (train_path, [row for i, row in enumerate(train_rows) if i in held])
         origin, rows = carved if cfg.split_from == "train" else load("validation")
-        dev, test = (parse(origin, half) for half in _halves(rows, origin, split_seed))
+        dev_half, test_half = _halves(rows, origin, split_seed)
+        dev, test = parse(origin, dev_half), parse(origin, test_half, test_rows)
     else:
-        dev, test = (parse(*load(name)) for name in ("dev", "test"))
-    return TaskData(task, train, dev, test, files, skipped or {})
+        dev, test = parse(*load("dev")), parse(*load("test"), test_rows)
+    return TaskData(task, train, dev, test, files, skipped or {}, test_rows)
 
 
 def _load_hub(task: Task, cfg: CustomTaskConfig, split_seed: int) -> TaskData:
@@ -323,9 +327,12 @@ def _load_hub(task: Task, cfg: CustomTaskConfig, split_seed: int) -> TaskData:
     train_name, eval_name = f"{name}/{cfg.hub_train_split}", f"{name}/{cfg.hub_eval_split}"
     train = _parse_rows(task.parse_hub, train_name, list(enumerate(dataset[cfg.hub_train_split], start=1)), cfg.label)
     eval_rows = list(enumerate(dataset[cfg.hub_eval_split], start=1))
-    dev, test = (_parse_rows(task.parse_hub, eval_name, half, cfg.label) for half in _halves(eval_rows, eval_name, split_seed))
-    splits = (cfg.hub_train_split, cfg.hub_eval_split)
-    return TaskData(task, train, dev, test, {f"{name}/{split}": getattr(dataset[split], "_fingerprint", "") or "" for split in splits})
+    dev_half, test_half = _halves(eval_rows, eval_name, split_seed)
+    test_rows: dict[Example, SourceRow] = {}
+    dev = _parse_rows(task.parse_hub, eval_name, dev_half, cfg.label)
+    test = _parse_rows(task.parse_hub, eval_name, test_half, cfg.label, sources=test_rows)
+    files = {f"{name}/{split}": getattr(dataset[split], "_fingerprint", "") or "" for split in (cfg.hub_train_split, cfg.hub_eval_split)}
+    return TaskData(task, train, dev, test, files, test_rows=test_rows)
 
 
 def load_custom_data(cfg: CustomTaskConfig, base_dir: str | Path | None = None, *, k_per_class: int | None = None,

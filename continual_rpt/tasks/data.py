@@ -23,8 +23,32 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class SourceRow:
+    """The row an example was parsed from, as read (official jsonl, custom file or hub format), where it was read
+    ("path:line", which the uid is made from), and which of the row's examples it is (MultiRC and ReCoRD give several)."""
+
+    row: dict
+    where: str
+    k: int
+
+
+def note_sources(sources: dict[Example, SourceRow] | None, examples: list[Example], row: dict, where: str) -> None:
+    """Record in `sources` (where given) that `examples` were parsed from `row`, read at `where`."""
+    if sources is not None:
+        sources.update({example: SourceRow(row, where, k) for k, example in enumerate(examples)})
+
+
+@dataclass(frozen=True)
 class TaskData:
-    """The train/dev/test examples of one task, the sha256 of every file they came from, and rows skipped per file."""
+    """The train/dev/test examples of one task, the sha256 of every file they came from, rows skipped per file, and
+    the row each test example was parsed from.
+
+    `test_rows` lets another task read a test row as it would read it in a file (`routing.task_free_answers`: a
+    run's task-free scores answer a routed row as `crpt bank predict` without a task does). It maps each test
+    example to its row rather than keeping the raw text or re-reading the file by uid: the rows are the ones
+    parsed already (the test half of the validation set only), an example finds its row however the test list
+    is later sub-sampled (`max_eval`) or reordered, and one mechanism serves jsonl, csv/tsv/json and hub rows.
+    """
 
     task: Task
     train: list[Example]
@@ -32,6 +56,7 @@ class TaskData:
     test: list[Example]
     files: dict[str, str]
     skipped: dict[str, int] = field(default_factory=dict)  # rows whose label names no class (unknown_labels: skip)
+    test_rows: dict[Example, SourceRow] = field(default_factory=dict, repr=False)
 
 
 def utf8_text(path: Path, data: bytes, *, strip_bom: bool = False) -> str:
@@ -67,16 +92,19 @@ def decode_json_line(line: str, where: str) -> object:
         raise DataError(f"{where}: malformed JSON ({type(error).__name__}: {str(error)[:100]})") from None
 
 
-def _parse_lines(task: Task, path: Path, lines: list[Line], *, labeled: bool) -> list[Example]:
+def _parse_lines(task: Task, path: Path, lines: list[Line], *, labeled: bool,
+                 sources: dict[Example, SourceRow] | None = None) -> list[Example]:
     examples = []
     for number, line in lines:
         where = f"{path}:{number}"
-        parsed = task.parse(decode_json_line(line, where), where)
+        row = decode_json_line(line, where)
+        parsed = task.parse(row, where)
         if labeled and any(example.label < 0 for example in parsed):
             raise DataError(
                 f"{where}: unlabeled row (missing field 'label', or 'answers' for ReCoRD); "
                 "train and val rows need labels"
             )
+        note_sources(sources, parsed, row, where)
         examples.extend(parsed)
     if not examples:
         raise DataError(f"{path} holds no examples")
@@ -119,13 +147,13 @@ def halve(units: list[T], split_seed: int) -> tuple[list[T], list[T]]:
 
 
 def _dev_test_from_file(
-    task: Task, path: Path, split_seed: int, files: dict[str, str]
+    task: Task, path: Path, split_seed: int, files: dict[str, str], test_rows: dict[Example, SourceRow]
 ) -> tuple[list[Example], list[Example]]:
     files[str(path)], lines = read_lines(path)
     if len(lines) < 2:
         raise DataError(f"{path} has {len(lines)} row(s); at least 2 are needed to split it into dev and test")
     dev_lines, test_lines = halve(lines, split_seed)
-    return _parse_lines(task, path, dev_lines, labeled=True), _parse_lines(task, path, test_lines, labeled=True)
+    return _parse_lines(task, path, dev_lines, labeled=True), _parse_lines(task, path, test_lines, labeled=True, sources=test_rows)
 
 
 def _train_from_file(task: Task, root: Path, files: dict[str, str]) -> list[Example]:
@@ -145,11 +173,18 @@ def _hub_units(rows: list[dict]) -> list[list[tuple[int, dict]]]:
     return [list(group) for _, group in itertools.groupby(enumerate(rows, start=1), key=unit_key)]
 
 
-def _parse_hub_units(task: Task, units: list[list[tuple[int, dict]]], name: str) -> list[Example]:
-    return [example for unit in units for number, row in unit for example in task.parse_hub(row, f"{name}:{number}")]
+def _parse_hub_units(task: Task, units: list[list[tuple[int, dict]]], name: str,
+                     sources: dict[Example, SourceRow] | None = None) -> list[Example]:
+    examples = []
+    for number, row in (item for unit in units for item in unit):
+        parsed = task.parse_hub(row, f"{name}:{number}")
+        note_sources(sources, parsed, row, f"{name}:{number}")
+        examples.extend(parsed)
+    return examples
 
 
-def _load_hub(task: Task, split_seed: int) -> tuple[list[Example], list[Example], list[Example], dict[str, str]]:
+def _load_hub(task: Task, split_seed: int, test_rows: dict[Example, SourceRow]
+              ) -> tuple[list[Example], list[Example], list[Example], dict[str, str]]:
     """Train, dev and test from the hub; dev/test halve the validation split exactly as the files are halved."""
     try:
         import datasets
@@ -167,7 +202,7 @@ def _load_hub(task: Task, split_seed: int) -> tuple[list[Example], list[Example]
     # The "/val" suffix makes uids read ".../val/...", as for val.jsonl.
     train = _parse_hub_units(task, _hub_units(list(dataset["train"])), f"{name}/train")
     dev_units, test_units = halve(_hub_units(list(dataset["validation"])), split_seed)
-    dev, test = (_parse_hub_units(task, units, f"{name}/val") for units in (dev_units, test_units))
+    dev, test = _parse_hub_units(task, dev_units, f"{name}/val"), _parse_hub_units(task, test_units, f"{name}/val", test_rows)
     return train, dev, test, {name: getattr(dataset["validation"], "_fingerprint", "") or ""}
 
 
@@ -236,8 +271,9 @@ def load_task_data(
 ) -> TaskData:
     """Load train/dev/test of a task: dev and test are the two halves of the shuffled validation set."""
     task = get_task(name)
+    test_rows: dict[Example, SourceRow] = {}
     if source == "hub":
-        train, dev, test, files = _load_hub(task, split_seed)
+        train, dev, test, files = _load_hub(task, split_seed, test_rows)
         if train_dir is not None:
             train = _train_from_file(task, Path(train_dir), files)
     elif source == "files":
@@ -246,8 +282,8 @@ def load_task_data(
         if data_dir is None:
             raise DataError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV}")
         files = {}
-        dev, test = _dev_test_from_file(task, _task_file(task, Path(data_dir), "val"), split_seed, files)
+        dev, test = _dev_test_from_file(task, _task_file(task, Path(data_dir), "val"), split_seed, files, test_rows)
         train = _train_from_file(task, Path(train_dir if train_dir is not None else data_dir), files)
     else:
         raise ValueError(f"source must be 'files' or 'hub', got {source!r}")
-    return TaskData(task, sample(task, train, k_per_class, max_train, seed), dev, test, files)
+    return TaskData(task, sample(task, train, k_per_class, max_train, seed), dev, test, files, test_rows=test_rows)
