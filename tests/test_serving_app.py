@@ -5,14 +5,18 @@ Every server is started on a free loopback port and stopped at the end of its te
 Each test was checked to fail with the piece it guards broken (a pytest plugin patching it): batches of one request
 each (5 batches, not 1), no body limit (422, not 413), FastAPI's own validation handler (422 for malformed JSON),
 no watcher (404 for the entry added), disconnects unnoticed (no 499); and there was no `crpt serve` before.
+Responses are read as strict JSON (`strict_json`): Python's json alone would accept NaN and Infinity.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +28,10 @@ import httpx
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from test_serving_state import flip_a_byte
 from test_stream import write_stream
 
-from continual_rpt.bank import PromptBank
+from continual_rpt.bank import HEAD_FILE, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.run import run_stream
 from continual_rpt.serving.app import bank_loader, create_app
@@ -78,6 +83,37 @@ def running(app):
         server.should_exit = True
         thread.join(20)
         sock.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), on loopback, for a server started as a process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def crpt_serve(*args: str) -> subprocess.Popen:
+    """`crpt serve ARGS` as a process in a session of its own (`kill_all` ends its workers too), its stderr piped.
+
+    Its stdout, uvicorn's access log (a line a request), is dropped: unread, it could fill the pipe and stall the server.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "continual_rpt", "serve", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_all(server: subprocess.Popen) -> str:
+    """SIGKILL the server and its workers (which would hold its pipes open), and its stderr."""
+    os.killpg(server.pid, signal.SIGKILL)
+    return server.communicate()[1]
+
+
+def strict_json(response: httpx.Response):
+    """The body as any JSON parser reads it: NaN and ±Infinity (which Python's json alone accepts) refused."""
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in the body, which is then not JSON: {response.text[:300]}")
+
+    return json.loads(response.text, parse_constant=refuse)
 
 
 def wait_ready(client: httpx.Client, seconds: float = 30) -> dict:
@@ -137,19 +173,17 @@ def test_predict_answers_as_crpt_bank_predict_and_the_catalogue_endpoints(served
         assert metric(client, "crpt_request_latency_seconds_count") == 2 and metric(client, "crpt_queue_wait_seconds_count") == 2
 
 
-def test_health_is_503_until_the_bank_is_loaded(bank):
-    go = threading.Event()
-
-    def load():
-        assert go.wait(30)
-        return ServedBank(bank)
-
-    with running(create_app(load)) as url, httpx.Client(base_url=url, timeout=30) as client:
+def test_health_is_503_while_the_bank_holds_no_entry(bank, tmp_path):
+    # Checked to fail: answering an empty bank's requests as a loaded one's (a 404 naming no task, not a 503).
+    empty = PromptBank.open(tmp_path / "bank", create=True)
+    with running(create_app(ServedBank(tmp_path / "bank"), watch_interval_s=0.05)) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
         health = client.get("/health")
-        assert health.status_code == 503 and health.json()["ready"] is False
-        assert client.post("/v1/predict", json={"task": "CB", "rows": [{"premise": "a", "hypothesis": "b"}]}).status_code == 503
-        go.set()
-        assert wait_ready(client)["tasks"] == 2
+        assert health.status_code == 503 and health.json() == {"ready": False, "pid": os.getpid(), "tasks": 0, "generation": 0}
+        answer = client.post("/v1/predict", json={"task": "CB", "rows": [{"premise": "a", "hypothesis": "b"}]})
+        assert answer.status_code == 503 and "holds no entry yet" in answer.json()["detail"]
+        empty.add("CB", PromptBank.open(bank).get("CB"))
+        assert wait_ready(client)["tasks"] == 1
 
 
 def test_bad_input_is_a_4xx_naming_the_field_row_or_limit_never_a_5xx(served, rows):
@@ -200,11 +234,43 @@ class BrokenOnCOPA(ServedBank):
 
 
 def test_a_bug_is_still_a_500_and_the_server_goes_on(bank, rows):
-    with running(create_app(lambda: BrokenOnCOPA(bank))) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with running(create_app(BrokenOnCOPA(bank))) as url, httpx.Client(base_url=url, timeout=30) as client:
         wait_ready(client)
         assert client.post("/v1/predict", json={"task": "COPA", "rows": rows["COPA"][:1]}).status_code == 500
         assert client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"][:1]}).status_code == 200
         assert metric(client, "crpt_predict_requests_total", task="COPA", status="500") == 1
+
+
+def test_a_choice_row_beside_more_options_is_answered_with_its_own_scores_never_the_padding(served, rows):
+    # In a mixed forward a COPA row (2 choices) beside CB's 3 labels has a third score, -inf (evaluation.mixed_option_scores).
+    # Checked to fail: answers holding every score of the padded row (COPA's third, null).
+    mixed = [rows["CB"][0], rows["COPA"][0], rows["COPA"][1], rows["CB"][1]]
+    with running(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        answer = client.post("/v1/predict", json={"rows": mixed})
+        assert metric(client, "crpt_batch_rows_count") == 1  # one batch, of both tasks
+    results = strict_json(answer)["results"]
+    assert [(r["task"], len(r["options"]), len(r["scores"])) for r in results] == [("CB", 3, 3), ("COPA", 2, 2), ("COPA", 2, 2), ("CB", 3, 3)]
+    assert all(isinstance(score, float) and math.isfinite(score) for r in results for score in [*r["scores"], r["routing_score"]])
+
+
+def test_a_score_json_cannot_hold_is_null_in_the_answer_never_a_500(served, rows, monkeypatch):
+    # An option's score that overflowed, a routing score of degenerate route state: what the model can still give.
+    # Checked to fail: Result serialized with ser_json_inf_nan="constants" (-Infinity and NaN: a body that is not JSON).
+    answer = served.answer
+
+    def overflowing(batch):
+        return [[dataclasses.replace(a, scores=[math.inf, -math.inf, *a.scores[2:]], routing_score=math.nan) for a in answers]
+                for answers in answer(batch)]
+
+    monkeypatch.setattr(served, "answer", overflowing)
+    with running(create_app(served)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        given = client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"][:2]})
+        schema = strict_json(client.get("/openapi.json"))["components"]["schemas"]["Result"]["properties"]
+    assert given.status_code == 200
+    assert [(r["scores"][:2], r["routing_score"]) for r in strict_json(given)["results"]] == [([None, None], None)] * 2
+    assert {"type": "null"} in schema["scores"]["items"]["anyOf"] and "null where it is not finite" in schema["scores"]["description"]
 
 
 def test_concurrent_requests_of_different_tasks_share_one_forward_batch(served, rows):
@@ -260,12 +326,8 @@ def test_an_entry_added_to_the_bank_is_served_without_restart(bank, rows, tmp_pa
 
 
 def test_crpt_serve_with_two_workers_answers_from_both(bank, rows):
-    with socket.socket() as probe:  # a free port, handed to the server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "continual_rpt", "serve", str(bank), "--port", str(port), "--workers", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    server = crpt_serve(str(bank), "--port", str(port), "--workers", "2")
     try:
         fresh = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
         pids, deadline = set(), time.monotonic() + 60  # a new connection a request: either worker may accept it
@@ -284,11 +346,27 @@ def test_crpt_serve_with_two_workers_answers_from_both(bank, rows):
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            output = server.communicate(timeout=20)[0]
+            log = server.communicate(timeout=20)[1]
         except subprocess.TimeoutExpired:
-            server.kill()
-            output = server.communicate()[0]
-    assert server.returncode == 0, output
+            log = kill_all(server)
+    assert server.returncode == 0, log
+
+
+def test_crpt_serve_with_two_workers_exits_with_the_error_one_worker_gives_when_they_cannot_load_the_bank(bank, tmp_path, capsys):
+    # Checked to fail before: each worker stayed up answering 503 naming the error, and the command never exited.
+    shutil.copytree(bank, tmp_path / "bank")
+    for name in TASKS:  # none of its entries can be served
+        flip_a_byte(tmp_path / "bank" / name / HEAD_FILE)
+    assert main(["serve", str(tmp_path / "bank"), "--port", "0"]) == 2  # one worker: refused before listening
+    alone = capsys.readouterr().err.strip().splitlines()[-1]
+    assert alone.startswith("crpt: error: ") and f"{tmp_path / 'bank' / 'CB' / HEAD_FILE}: changed since it was stored" in alone
+    server = crpt_serve(str(tmp_path / "bank"), "--port", str(free_port()), "--workers", "2")
+    try:
+        log = server.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"crpt serve --workers 2 still running after 120 s: {kill_all(server)[-3000:]}")
+    assert server.returncode == 2 and log.strip().splitlines()[-1] == alone, log[-3000:]
+    assert "Child process" in log and "failed to start, stopping the parent process" in log  # uvicorn's supervisor stopped it
 
 
 def test_crpt_serve_refuses_what_it_cannot_serve_before_listening(bank, tmp_path, capsys):

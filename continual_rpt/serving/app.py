@@ -6,10 +6,30 @@ worker processes on one port (`--workers`), each loading the backbone once. The 
 state but what it reads from the bank folder, so workers and machines behind a load balancer answer
 alike over one read-only (shared or synced) bank.
 
+Every worker loads the bank before it takes a connection: one worker before uvicorn listens (a bank
+it cannot load is raised as it is: crpt's one-line error, exit 2); each of `--workers N` in its app
+factory (`app_from_env`), while the port, bound by uvicorn's supervisor, holds connections for the
+workers that are ready. A worker whose load fails writes the error to a file `serve` named for it and
+exits with uvicorn's STARTUP_FAILURE (3). Its supervisor (uvicorn/supervisors/multiprocess.py, as of
+0.55) takes that status as "would fail the same way on every restart": it stops the other workers and
+returns (restarting only a worker that dies with another status), and `serve` raises the worker's
+error as `WorkerLoadFailed`: `crpt serve` exits 2 with the line one worker would print (a bug in the
+load is named by its type, its traceback in the worker's log). So no worker stays up unloaded
+answering 503. The parent does not load the bank first: that would load the backbone once more in a
+process that answers nothing, and a worker can fail where the parent would not (its device, its
+memory), so the workers' report is needed either way.
+
 Requests are parsed in the event loop's thread pool, queued, and answered in mixed-task batches by
 `batcher.Batcher` (one forward at a time on the shared model). A background task looks at bank.json
 every `watch_interval_s` (`ServedBank.refresh`: a stat unless it changed) and starts answering with
 entries that land meanwhile. Bad input is a 4xx naming the field, row or limit; a 5xx is a bug.
+
+Non-finite floats: the only floats a response carries are `Result.scores` and `routing_score`. The
+-inf that marks a choice an example lacks in a mixed batch (`evaluation.mixed_option_scores`: a COPA
+row beside CB's three labels, ReCoRD rows with fewer candidates) is cut by `state.ServedBank`, which
+keeps an example's own options only, and NaN scores are refused while scoring (NonFiniteScores). What
+remains possible (an option's score overflowing to ±inf, a routing score of degenerate route state)
+is written as JSON null (`ser_json_inf_nan`), as the fields' descriptions say, never a failed encoding.
 """
 
 from __future__ import annotations
@@ -18,10 +38,13 @@ import asyncio
 import json
 import logging
 import os
+import sys
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from continual_rpt import errors
 from continual_rpt.serving.batcher import Batcher
 from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.metrics import CLIENT_CLOSED, INVALID, ROUTED, ServingMetrics
@@ -38,6 +62,11 @@ from continual_rpt.serving.state import RowError, ServedBank, UnknownTask
 
 log = logging.getLogger(__name__)
 OPTIONS_ENV = "CRPT_SERVE_OPTIONS"  # JSON: how `crpt serve` hands its options to uvicorn's worker processes
+FAILURE_ENV = "CRPT_SERVE_FAILURE_FILE"  # where a worker that cannot load the bank writes why, for `serve` to raise
+
+
+class WorkerLoadFailed(ValueError):
+    """A worker of `crpt serve --workers N` could not load the bank; the message is the worker's error."""
 
 
 class PredictRequest(BaseModel):
@@ -52,12 +81,15 @@ class PredictRequest(BaseModel):
 class Result(BaseModel):
     """One example's answer (a MultiRC or ReCoRD row holds several examples)."""
 
+    model_config = ConfigDict(ser_json_inf_nan="null")  # a float JSON cannot hold is null, not a failed response (500)
     task: str = Field(description="the entry that answered: the one given, or the one the row was routed to")
     prediction: str = Field(description="the label name, or the chosen candidate's text")
     index: int = Field(description="the chosen option's index in `options`")
     options: list[str]
-    scores: list[float] = Field(description="the model's score of each option")
-    routing_score: float | None = Field(description="how sure the router was; null when the task was given")
+    scores: list[float | None] = Field(description="the model's score of each option (one per option); null where it is "
+                                                   "not finite (a score that overflowed)")
+    routing_score: float | None = Field(description="how sure the router was; null when the task was given "
+                                                    "(or where the router's score is not finite)")
     row: int = Field(description="the request's row this answers")
     uid: str = Field(description="the example's id as its task names it")
 
@@ -89,13 +121,12 @@ class TaskList(BaseModel):
 
 
 class Health(BaseModel):
-    """Whether this worker answers (the backbone and the bank's entries loaded), and which worker it is."""
+    """Whether this worker answers (an entry of the bank loaded, with the backbone), and which worker it is."""
 
     ready: bool
     pid: int
     tasks: int
     generation: int
-    error: str | None = None
 
 
 class Problem(BaseModel):
@@ -111,12 +142,10 @@ def problem(status: int, detail: str, **extra) -> JSONResponse:
 
 
 class Service:
-    """What one app serves: the bank (once loaded), the batcher, the metrics, and the background tasks."""
+    """What one app serves: the loaded bank, the batcher, the metrics, and the background tasks."""
 
-    def __init__(self, served: ServedBank | Callable[[], ServedBank], limits: Limits) -> None:
-        self.served = served if isinstance(served, ServedBank) else None
-        self.load = None if self.served else served
-        self.error: str | None = None
+    def __init__(self, served: ServedBank, limits: Limits) -> None:
+        self.served = served
         self.limits = limits
         self.metrics = ServingMetrics()
         self.batcher = Batcher(self.answer, limits.max_batch, limits.max_wait_ms, self.metrics)
@@ -126,18 +155,11 @@ class Service:
         return self.served.answer(batch)
 
     def ready(self) -> bool:
-        """Whether requests can be answered: the bank loaded, and the backbone with its first entry."""
-        return self.served is not None and self.served.ready
+        """Whether requests can be answered: the backbone and an entry loaded (an empty bank waits for its first)."""
+        return self.served.ready
 
-    async def load_and_watch(self) -> None:
-        """Load the bank (if given a loader), then look for new entries every watch_interval_s until cancelled."""
-        if self.served is None:
-            try:
-                self.served = await asyncio.to_thread(self.load)
-            except Exception as err:  # kept and shown by /health (503) and the log; the process stays up, unready
-                self.error = f"{type(err).__name__}: {err}"
-                log.exception("could not load the bank; /health answers 503")
-                return
+    async def watch(self) -> None:
+        """Look for new entries every watch_interval_s until cancelled."""
         self.metrics.bank(len(self.served.snapshot.entries), self.served.generation)
         while True:
             await asyncio.sleep(self.limits.watch_interval_s)
@@ -157,16 +179,16 @@ class Service:
         return task if task in self.served.snapshot.entries else INVALID
 
 
-def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = Limits.max_batch, max_wait_ms: float = Limits.max_wait_ms,
+def create_app(served: ServedBank, max_batch: int = Limits.max_batch, max_wait_ms: float = Limits.max_wait_ms,
                max_rows: int = Limits.max_rows, max_body_bytes: int = Limits.max_body_bytes,
                watch_interval_s: float = Limits.watch_interval_s) -> FastAPI:
-    """The app serving `served`, or the bank a loader returns (called in a thread at startup: /health is 503 until it is done)."""
+    """The app serving the loaded bank `served` (/health is 503 while it holds no entry)."""
     service = Service(served, Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows,
                                      max_body_bytes=max_body_bytes, watch_interval_s=watch_interval_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = [asyncio.create_task(service.batcher.run()), asyncio.create_task(service.load_and_watch())]
+        tasks = [asyncio.create_task(service.batcher.run()), asyncio.create_task(service.watch())]
         try:
             yield
         finally:
@@ -179,7 +201,7 @@ def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = L
                   description="One frozen backbone answering every task of a prompt bank; entries added to the bank are served as they land.")
     app.state.service = service
     app.add_middleware(ServingMiddleware, max_body_bytes=max_body_bytes, metrics=service.metrics)
-    errors = {503: {"model": Problem, "description": "still loading"}}
+    unready = {503: {"model": Problem, "description": "no entry served yet (an empty bank)"}}
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -192,7 +214,7 @@ def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = L
     @app.post("/v1/predict", response_model=PredictResponse, responses={
         400: {"model": Problem, "description": "the body is not JSON"}, 404: {"model": Problem, "description": "unknown task"},
         413: {"model": Problem, "description": "too many rows or bytes"},
-        422: {"model": Problem, "description": "a row or field that cannot be read (named)"}, **errors})
+        422: {"model": Problem, "description": "a row or field that cannot be read (named)"}, **unready})
     async def predict(body: PredictRequest, request: Request):
         """Answer every row: with the given task's entry, or (task null) with the entry each row is routed to."""
         if not service.ready():
@@ -212,22 +234,21 @@ def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = L
             return Response(status_code=CLIENT_CLOSED)
         return {"results": [asdict(answer) for answer in answers]}
 
-    @app.get("/v1/tasks", response_model=TaskList, responses=errors)
+    @app.get("/v1/tasks", response_model=TaskList, responses=unready)
     async def tasks():
         """Every served entry: its labels, method, prompt shape, backbone and the fields its rows need."""
         return {"tasks": service.served.tasks()} if service.ready() else not_ready(service)
 
-    @app.get("/v1/tasks/{name}", response_model=TaskInfo, responses={404: {"model": Problem, "description": "unknown task"}, **errors})
+    @app.get("/v1/tasks/{name}", response_model=TaskInfo, responses={404: {"model": Problem, "description": "unknown task"}, **unready})
     async def task(name: str):
         """One served entry."""
         return service.served.task(name) if service.ready() else not_ready(service)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
     async def health():
-        """Ready (200) once the backbone and the bank's entries are loaded; 503 before (or if loading failed: `error`)."""
-        snapshot = service.served.snapshot if service.served else None
-        state = {"ready": service.ready(), "pid": os.getpid(), "tasks": len(snapshot.entries) if snapshot else 0,
-                 "generation": snapshot.generation if snapshot else 0, "error": service.error}
+        """Ready (200) while an entry is served; 503 while the bank holds none (an empty bank, until its first entry lands)."""
+        snapshot = service.served.snapshot
+        state = {"ready": service.ready(), "pid": os.getpid(), "tasks": len(snapshot.entries), "generation": snapshot.generation}
         return JSONResponse(state, status_code=200 if state["ready"] else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -239,9 +260,8 @@ def create_app(served: ServedBank | Callable[[], ServedBank], max_batch: int = L
 
 
 def not_ready(service: Service) -> JSONResponse:
-    """503: the bank or its backbone is not loaded (yet)."""
-    why = f"loading the bank failed: {service.error}" if service.error else "loading the backbone and the bank's entries; retry shortly"
-    return problem(503, why)
+    """503: the bank holds no entry yet."""
+    return problem(503, f"{service.served.path} holds no entry yet; entries are served as they land, retry later")
 
 
 def validation_problem(errors: list[dict]) -> JSONResponse:
@@ -275,10 +295,27 @@ def bank_loader(options: dict) -> tuple[Callable[[], ServedBank], dict]:
 
 
 def app_from_env() -> FastAPI:
-    """The app of one uvicorn worker: `crpt serve`'s options from $CRPT_SERVE_OPTIONS, the bank loaded in the background."""
+    """The app of one uvicorn worker: `crpt serve`'s options from $CRPT_SERVE_OPTIONS, the bank loaded before it listens.
+
+    A load that fails is written to $CRPT_SERVE_FAILURE_FILE and ends the worker with STARTUP_FAILURE, which
+    stops the server (a worker left up unloaded would answer 503 forever; one exiting otherwise is restarted).
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
     log_to_stderr()
     load, limits = bank_loader(json.loads(os.environ[OPTIONS_ENV]))
-    return create_app(load, **limits)
+    try:
+        return create_app(load(), **limits)
+    except Exception as err:  # a bug too: it would fail again in every worker the supervisor started in its place
+        if isinstance(err, errors.EXPECTED):
+            message = str(err)
+            log.error("cannot load the bank, stopping the server: %s", message)
+        else:
+            message = f"{type(err).__name__}: {err} (a bug: its traceback is in the log above)"
+            log.exception("cannot load the bank, stopping the server")
+        with open(os.environ[FAILURE_ENV], "a", encoding="utf-8") as failure:  # workers failing together each add a line
+            failure.write(json.dumps(message) + "\n")
+        sys.exit(STARTUP_FAILURE)
 
 
 def log_to_stderr() -> None:
@@ -292,7 +329,10 @@ def log_to_stderr() -> None:
 
 
 def serve(bank: str, host: str, port: int, workers: int, **options) -> None:
-    """Run uvicorn on host:port with `workers` processes, each serving `bank` (options: ServedBank's and Limits')."""
+    """Run uvicorn on host:port with `workers` processes, each serving `bank` (options: ServedBank's and Limits') until stopped.
+
+    The bank's load error (WorkerLoadFailed, with several workers) if it cannot be loaded.
+    """
     import uvicorn
 
     if workers < 1:
@@ -303,5 +343,13 @@ def serve(bank: str, host: str, port: int, workers: int, **options) -> None:
         uvicorn.run(create_app(load(), **limits), host=host, port=port)
         return
     # Workers are new processes (spawned): they import the app by name and read the options from the environment.
-    os.environ[OPTIONS_ENV] = json.dumps({"bank": str(bank), **options})
-    uvicorn.run("continual_rpt.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+    descriptor, failures = tempfile.mkstemp(prefix="crpt-serve-", suffix=".failure")
+    os.close(descriptor)
+    os.environ[OPTIONS_ENV], os.environ[FAILURE_ENV] = json.dumps({"bank": str(bank), **options}), failures
+    try:
+        uvicorn.run("continual_rpt.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+        failed = Path(failures).read_text(encoding="utf-8").splitlines()
+    finally:
+        os.unlink(failures)
+    if failed:  # the supervisor returned because a worker could not load: crpt's one-line error, the worker's words
+        raise WorkerLoadFailed(json.loads(failed[0]))

@@ -61,11 +61,11 @@ class BankClient:
         self.url, self.timeout, self.max_rows = url.rstrip("/"), timeout, max_rows
 
     def health(self) -> dict:
-        """GET /health: the server's state (an error while the backbone is still loading)."""
+        """GET /health: the server's state (a ServerError, 503, while its bank holds no entry yet)."""
         return self._request("GET", "/health")
 
     def wait_until_ready(self, within_s: float = 60) -> dict:
-        """Poll /health until the server answers ready (its backbone loaded), at most `within_s` seconds."""
+        """Poll /health until the server answers ready (listening, an entry served), at most `within_s` seconds."""
         deadline = time.monotonic() + within_s
         while True:
             try:
