@@ -12,15 +12,18 @@ A router is a pure function of the stored states of the entries it is given, so 
 never changes how earlier inputs are routed except by j competing with them. Routing reads
 inputs only, never labels.
 
-One featurization: every caller (a run's task-free scores, `crpt bank predict` without a task,
-experiments/routing.py) featurizes an input as each entry's route state says it featurized that
-entry's training inputs (`Featurization.of_entry`): truncated to the entry's max_length, in bf16 or
-fp32 as it was, with the pooling it was built with. Entries stored before the featurization was
-recorded were built at their stored config's train.max_length (and train.bf16), which is what they
-fall back to. In a bank whose entries were featurized differently (tasks with different
-max_length), an input is featurized once per distinct featurization and compared with each entry
-under that entry's own: its distance to entry t is measured from its features as t's state would
-have summarised them (the Mahalanobis router's shared covariance still pools every state).
+One featurization, each entry's own reading: every caller (a run's task-free scores, `crpt bank predict`
+without a task, the server) routes a row among the entries whose tasks read it through `route_readings`,
+which compares each entry with the row as that entry's task reads it (on a seq2seq or decoder backbone
+the source names the task: "cb premise: …" and "rte premise: …" are two readings of one row, and each
+looks like its own task's training inputs), featurized as the entry's route state says it featurized that
+entry's training inputs (`Featurization.of_entry`): truncated to the entry's max_length, in bf16 or fp32
+as it was, with the pooling it was built with. Entries stored before the featurization was recorded were
+built at their stored config's train.max_length (and train.bf16), which is what they fall back to. A
+row's distance to entry t is thus measured from t's reading as t's state would have summarised it (the
+Mahalanobis router's shared covariance still pools every state). Each distinct (reading, featurization)
+of a row is featurized once: where the readings tokenize alike (an encoder's text pairs, usually the same
+for every task reading a row), once per featurization.
 
 Routers:
     mahalanobis  nearest task mean under one covariance shared by the tasks: the count-weighted mean of
@@ -32,15 +35,17 @@ Routers:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from continual_rpt.backbones import Backbone, Features
 from continual_rpt.bank import ROUTE_FILE, BankError, Entry, PromptBank
-from continual_rpt.evaluation import bank_option_scores, option_scores, per_example, predict_from_bank
-from continual_rpt.tasks import DataError, Example, Task, TaskData, task_from_meta
+from continual_rpt.evaluation import bank_option_scores, option_scores, per_example
+from continual_rpt.tasks import Example, task_from_meta
 
 ROUTERS = ("mahalanobis", "prototype", "confidence")
 RANK = 8  # principal directions kept per task; the rest of its variance is kept per coordinate
@@ -89,33 +94,59 @@ class Featurization:
                 "pooling": torch.tensor([float(POOLING_CODES.index(self.pooling))]),
                 "feature_version": torch.tensor([float(self.version)])}
 
-    def features(self, backbone: Backbone, examples: list[Example], where, batch_size: int = 64) -> Tensor:
-        """The route features of `examples` under this featurization, [N, D]; refused where `backbone` cannot repeat it."""
+    def check(self, backbone: Backbone, where) -> None:
+        """Refuse (BankError naming `where`) where `backbone` cannot repeat this featurization."""
         if self.version != FEATURE_VERSION:
             raise BankError(f"{where}: route state of feature version {self.version}, this library computes version "
                             f"{FEATURE_VERSION}; the entry was made by another version")
         pooling = getattr(backbone, "pooling", None) or "none"
         if self.pooling != pooling and "none" not in (self.pooling, pooling):
             raise BankError(f"{where}: route state built with {self.pooling} pooling, the backbone pools by {pooling}")
+
+    def features(self, backbone: Backbone, examples: list[Example], where, batch_size: int = 64) -> Tensor:
+        """The route features of `examples` under this featurization, [N, D]; refused where `backbone` cannot repeat it."""
+        self.check(backbone, where)
         return input_features(backbone, backbone.featurize(examples, self.max_length), batch_size, self.bf16)
 
 
-def entry_features(entries: dict[str, Entry], where, examples: list[Example], backbone: Backbone,
-                   cache: dict | None = None) -> dict[str, Tensor]:
-    """Every entry's view of `examples`: their features under its own featurization, computed once per distinct one.
+class Contender(NamedTuple):
+    """What routing compares of one entry: how its training inputs were featurized, their summary (route state), its task's kind."""
 
-    `cache` (optional) keeps them between calls, keyed by featurization: pass one per list of examples.
+    featurization: Featurization
+    state: dict[str, Tensor]
+    kind: str
+
+
+def bank_contenders(bank: PromptBank, names: list[str]) -> dict[str, Contender]:
+    """The entries `names` of `bank` (each holding route state) as routing compares them."""
+    entries = {name: bank.get(name) for name in names}
+    return {name: Contender(Featurization.of_entry(e, bank.path / name / ROUTE_FILE), e.route, e.meta.get("kind"))
+            for name, e in entries.items()}
+
+
+def reading_features(backbone: Backbone, readings: Sequence[Mapping[str, Example]], featurizations: Mapping[str, Featurization],
+                     where, batch_size: int = 64, cache: dict | None = None, keys: Sequence | None = None) -> list[dict[str, Tensor]]:
+    """Every row's route features [D] as each entry reading it reads it (`readings[i]`: entry -> its reading of row i),
+    under that entry's featurization.
+
+    A row's readings that tokenize alike under one featurization (an encoder's: the same text pairs) are featurized
+    once; rows are never merged, so each featurization's batches hold the rows in order, as one reading of them would.
+    `cache` (optional) keeps the features between calls under (featurization, `keys[i]`, tokens): `keys` name the
+    rows across calls (default: their positions, for a cache of one call).
     """
     cache = {} if cache is None else cache
-    out = {}
-    for name, entry in entries.items():
-        f = Featurization.of_entry(entry, where / name / ROUTE_FILE)
-        if f not in cache:
-            cache[f] = f.features(backbone, examples, where / name / ROUTE_FILE)
-        if entry.route["mean"].shape[0] != cache[f].shape[1]:  # other features than this backbone computes (another library version)
-            raise BankError(f"{where / name / ROUTE_FILE}: route state of {entry.route['mean'].shape[0]} features, "
-                            f"this backbone's inputs have {cache[f].shape[1]}; the entry was made by another version")
-        out[name] = cache[f]
+    keys = range(len(readings)) if keys is None else keys
+    out: list[dict[str, Tensor]] = [{} for _ in readings]
+    for f in dict.fromkeys(featurizations[name] for reading in readings for name in reading):
+        wanted = [(i, name) for i, reading in enumerate(readings) for name in reading if featurizations[name] == f]
+        f.check(backbone, where / wanted[0][1] / ROUTE_FILE)
+        tokens = backbone.featurize([readings[i][name] for i, name in wanted], f.max_length)
+        slots = [(f, keys[i], tuple(map(tuple, t.ids)), tuple(map(tuple, t.types))) for (i, _), t in zip(wanted, tokens)]
+        todo = {slot: t for slot, t in zip(slots, tokens) if slot not in cache}  # first appearance: rows in order
+        if todo:
+            cache.update(zip(todo, input_features(backbone, list(todo.values()), batch_size, f.bf16)))
+        for (i, name), slot in zip(wanted, slots):
+            out[i][name] = cache[slot]
     return out
 
 
@@ -243,6 +274,36 @@ def answerable(kinds: list[str], examples: list[Example]) -> Tensor:
     return allowed
 
 
+def route_readings(backbone: Backbone, readings: Sequence[Mapping[str, Example]], contenders: Mapping[str, Contender], router: str,
+                   where, batch_size: int = 64, precision: Callable[[tuple[str, ...]], Tensor] | None = None,
+                   cache: dict | None = None, keys: Sequence | None = None) -> list[tuple[str, float]]:
+    """The entry each row goes to among those reading it, and its routing score (`route_features`): each entry compared
+    with the row as it reads it (`readings[i]`: entry -> its reading of row i; ties go to the first).
+
+    Rows read by the same entries are routed together; which entries can score a row is judged on its first
+    reading (`answerable`, as `crpt bank predict` and the server check a row). `precision` gives the Mahalanobis
+    router's shared precision for a set of readers (default: computed from their states); `cache` and `keys` as
+    for `reading_features`.
+    """
+    features = reading_features(backbone, readings, {name: c.featurization for name, c in contenders.items()}, where,
+                                batch_size, cache, keys)
+    groups: dict[tuple[str, ...], list[int]] = {}  # the entries reading a row -> its rows
+    for i, reading in enumerate(readings):
+        groups.setdefault(tuple(reading), []).append(i)
+    out: list[tuple[str, float]] = [("", 0.0)] * len(readings)
+    for readers, rows in groups.items():
+        views = [torch.stack([features[i][name] for i in rows]) for name in readers]
+        for name, view in zip(readers, views):
+            if contenders[name].state["mean"].shape[0] != view.shape[1]:  # other features than this backbone computes
+                raise BankError(f"{where / name / ROUTE_FILE}: route state of {contenders[name].state['mean'].shape[0]} features, "
+                                f"this backbone's inputs have {view.shape[1]}; the entry was made by another version")
+        allowed = answerable([contenders[name].kind for name in readers], [next(iter(readings[i].values())) for i in rows])
+        shared = precision(readers) if precision is not None and router == "mahalanobis" else None
+        chosen, scores = route_features(views, [contenders[name].state for name in readers], router, allowed, shared)
+        for i, t, score in zip(rows, chosen, scores):
+            out[i] = (readers[t], score)
+    return out
+
 @dataclass
 class Routed:
     """One example routed: the entry chosen, the router's score for it (`route_features`; the confidence router's is
@@ -274,11 +335,11 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
           names: list[str] | None = None, readings: dict[str, list[Example]] | None = None, bf16: bool = True) -> list[Routed]:
     """Route every example to one of the bank's entries (default all of them) and answer it with that entry.
 
-    Each entry compares the examples featurized as its route state says (`Featurization.of_entry`).
     `readings` holds the same inputs as each entry's own task reads them, where tasks read one row
-    differently (a seq2seq or decoder task's source names the task, its candidates are its labels): an
-    entry answers, and is sure of, its own reading; `examples` alone are what is routed. `bf16` False scores the
-    answers in fp32; the route features keep each entry's recorded precision, which its route state was built at.
+    differently (a seq2seq or decoder task's source names the task, its candidates are its labels): each
+    entry is compared with (`route_readings`), answers, and is sure of its own reading; without them every
+    entry reads `examples`, on which answerability is judged. `bf16` False scores the answers in fp32; the
+    route features keep each entry's recorded precision, which its route state was built at.
     """
     def read_by(t: int, i: int) -> Example:
         return readings[names[t]][i] if readings else examples[i]
@@ -287,8 +348,8 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
     if not names:
         raise BankError(f"{bank.path}: no entry holds route state ({', '.join(skipped)} were made before routing existed); "
                         "give the task with --task, or add the state with crpt bank index-routes BANK")
-    entries = {name: bank.get(name) for name in names}
-    allowed = answerable([entries[n].meta.get("kind") for n in names], examples)
+    contenders = bank_contenders(bank, names)
+    allowed = answerable([contenders[n].kind for n in names], examples)
     unanswerable = (~allowed.any(1)).nonzero().flatten().tolist()
     if unanswerable:
         raise BankError(f"example {examples[unanswerable[0]].uid!r}: no entry of {bank.path} can read it "
@@ -298,15 +359,15 @@ def route(bank: PromptBank, examples: list[Example], backbone: Backbone, router:
         scored = bank_option_scores(bank, [read_by(t, i) for i, t in pairs], [names[t] for _, t in pairs], backbone, bf16=bf16)
         best: dict[int, tuple[float, int, int]] = {}
         for (i, t), s in zip(pairs, scored):
-            sure = confidence(s, float(entries[names[t]].route["temperature"]))
+            sure = confidence(s, float(contenders[names[t]].state["temperature"]))
             if i not in best or sure > best[i][0]:
                 best[i] = (sure, t, int(s.argmax()))
         return [Routed(names[best[i][1]], best[i][0], best[i][2]) for i in range(len(examples))]
-    x = entry_features(entries, bank.path, examples, backbone)
-    indices, scores = route_features([x[n] for n in names], [entries[n].route for n in names], router, allowed)
-    answers = bank_option_scores(bank, [read_by(t, i) for i, t in enumerate(indices)], [names[t] for t in indices],
+    rows = [{name: read_by(t, i) for t, name in enumerate(names)} for i in range(len(examples))]
+    chosen = route_readings(backbone, rows, contenders, router, bank.path)
+    answers = bank_option_scores(bank, [row[name] for row, (name, _) in zip(rows, chosen)], [name for name, _ in chosen],
                                  backbone, bf16=bf16)  # tasks mixed in every batch
-    return [Routed(names[t], score, int(a.argmax())) for t, score, a in zip(indices, scores, answers)]
+    return [Routed(name, score, int(a.argmax())) for (name, score), a in zip(chosen, answers)]
 
 
 def readers_of(bank: PromptBank, names: list[str], task) -> list[str]:
@@ -317,83 +378,3 @@ def readers_of(bank: PromptBank, names: list[str], task) -> list[str]:
 def state_bytes(state: dict[str, Tensor]) -> int:
     """Bytes of a route state's tensors (fp32), without the safetensors header."""
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-
-def answer_as(task, other_meta: dict, index: int) -> int | None:
-    """Another entry's answer `index`, in `task`'s terms: the same label where both tasks name it (Amazon and Yelp
-    share theirs), else None, no answer: `Task.score` counts it wrong and as no other class's prediction."""
-    if task.kind == other_meta["kind"] == "classification" and other_meta["label_names"][index] in task.label_names:
-        return task.label_names.index(other_meta["label_names"][index])
-    return None
-
-
-def test_readings(tasks: dict[str, Task], home: str, d: TaskData) -> list[dict[str, Example]]:
-    """Each test example of task `home` as every one of `tasks` reading its row reads it (in `tasks`' order): as
-    `crpt bank predict` offers a row (`reads_row`, then `parse_inputs`); `home` reads it as the example itself."""
-    parsed: dict[tuple[str, str], list[Example]] = {}  # (task, where the row was read) -> its examples
-
-    def read(name: str, where: str, row: dict) -> list[Example]:
-        if (name, where) not in parsed:
-            try:
-                parsed[name, where] = tasks[name].parse_inputs(row, where) if tasks[name].reads_row(row) else []
-            except DataError:  # the fields are there but hold what this task cannot read
-                parsed[name, where] = []
-        return parsed[name, where]
-
-    sources = [d.test_rows[example] for example in d.test]
-    return [{name: example if name == home else read(name, s.where, s.row)[s.k] for name in tasks
-             if name == home or len(read(name, s.where, s.row)) > s.k} for example, s in zip(d.test, sources)]
-
-
-def task_free_answers(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
-                      cache: dict, router: str = "mahalanobis") -> dict[str, list[tuple[str, int]]]:
-    """Every seen task's test examples answered as `crpt bank predict` without a task answers their rows: the entry
-    of `names` each is routed to, and its answer (an index in that entry's own task).
-
-    Like `route`, an example is compared with the entries reading its row (`test_readings`) as the first of
-    them reads it, and the entry chosen answers its own reading: on a seq2seq or decoder backbone a task's
-    source names the task and its candidates are its labels. `aware` holds each task's task-aware answers,
-    reused where an example is routed home; `cache` keeps the test inputs' features per task and reading.
-    """
-    entries = {name: bank.get(name) for name in names}
-    tasks = {name: task_from_meta(entries[name].meta, bank.path / name) for name in names}
-    out = {}
-    for name in names:
-        readings = test_readings(tasks, name, data[name])
-        firsts = [next(iter(reading.values())) for reading in readings]  # what is routed, as route() is given it
-        readers = {n: entries[n] for n in names if any(n in reading for reading in readings)}
-        key = (name, tuple(next(iter(reading)) for reading in readings))
-        x = entry_features(readers, bank.path, firsts, backbone, cache.setdefault(key, {}))
-        groups: dict[tuple[str, ...], list[int]] = {}  # the entries reading a row -> its examples, routed among them
-        for i, reading in enumerate(readings):
-            groups.setdefault(tuple(reading), []).append(i)
-        routed = [name] * len(readings)
-        for group, positions in groups.items():
-            allowed = answerable([entries[n].meta["kind"] for n in group], [firsts[i] for i in positions])
-            chosen, _ = route_features([x[n][positions] for n in group], [entries[n].route for n in group], router, allowed)
-            for i, k in zip(positions, chosen):
-                routed[i] = group[k]
-        answers = list(aware[name])
-        for other in names:
-            mine = [i for i, n in enumerate(routed) if n == other and other != name]
-            for i, answer in zip(mine, predict_from_bank(bank, other, [readings[i][other] for i in mine], backbone) if mine else []):
-                answers[i] = answer
-        out[name] = list(zip(routed, answers))
-    return out
-
-
-def task_free_scores(bank: PromptBank, names: list[str], data: dict, backbone: Backbone, aware: dict[str, list[int]],
-                     cache: dict, router: str = "mahalanobis") -> tuple[dict, dict] | None:
-    """Every seen task's test score from `task_free_answers` (None if an entry is missing or holds no route state):
-    another entry's answer counts where both tasks name it (Amazon and Yelp share labels), else none (`answer_as`).
-    Returns (scores, confusion)."""
-    if not all(name in bank and bank.get(name).route is not None for name in names):
-        return None  # a strategy that writes its entries only at the end of the stream, or entries made before routing
-    metas = {name: bank.get(name).meta for name in names}
-    scores, confusion = {}, {}
-    for name, answered in task_free_answers(bank, names, data, backbone, aware, cache, router).items():
-        d = data[name]
-        scores[name] = d.task.score(d.test, [a if n == name else answer_as(d.task, metas[n], a) for n, a in answered])
-        confusion[name] = {other: sum(n == other for n, _ in answered) for other in names}
-    return scores, confusion

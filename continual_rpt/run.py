@@ -40,7 +40,7 @@ from continual_rpt import distributed, tracking
 from continual_rpt.faults import kill_point
 from continual_rpt.learner import follow, log as training_log
 from continual_rpt.locks import LOCK_FILE, locked
-from continual_rpt.routing import task_free_scores
+from continual_rpt.task_free import task_free_scores
 from continual_rpt.scored_once import scored_record, still_valid
 from continual_rpt.strategies import REGISTRY, make_strategy, method_label, strategy_class
 from continual_rpt.streams import BaselineConfig, Stream, load_data
@@ -203,7 +203,7 @@ def _learn(stream: Stream, out: Path, state: dict, data: dict[str, TaskData], ba
     state.setdefault("verified_by_checksum", 0)
     log.info("earlier tasks after each one: %s", "verified by checksum (eval: once; each entry scored on test when learned)"
              if once else f"re-scored on test (eval: {stream.eval}, strategy {stream.strategy})")
-    input_cache: dict = {}  # test inputs' prompt-free features per task and featurization, for routing
+    input_cache: dict = {}  # test inputs' prompt-free features per featurization, row and reading, for routing
     bar = tqdm(stream.tasks, desc=stream.name, unit="task", disable=not progress)
     for i, spec in enumerate(bar):
         bar.set_postfix(task=spec.name)

@@ -30,7 +30,8 @@ import continual_rpt  # noqa: E402
 from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, PromptBank  # noqa: E402
 from continual_rpt.cli import entry_backbone  # noqa: E402
 from continual_rpt.evaluation import predict_from_bank  # noqa: E402
-from continual_rpt.routing import ROUTERS, answer_as, readers_of, route  # noqa: E402
+from continual_rpt.routing import ROUTERS, readers_of, route  # noqa: E402
+from continual_rpt.task_free import answer_as  # noqa: E402
 from continual_rpt.streams import load_data, load_stream  # noqa: E402
 
 

@@ -315,7 +315,7 @@ def test_a_routed_row_is_answered_as_the_entry_it_is_routed_to_reads_it(tmp_path
 
 
 def test_each_test_example_keeps_the_row_it_was_read_from(tmp_path, superglue_dir):
-    # What lets another entry read a run's test row as its own task reads it (routing.task_free_answers).
+    # What lets another entry read a run's test row as its own task reads it (task_free.task_free_answers).
     multirc = load_task_data("MultiRC", superglue_dir)  # several examples per row: each knows which one it is
     (tmp_path / "train.csv").write_text("text,label\nfine,yes\nbad,no\n")
     (tmp_path / "val.csv").write_text("text,label\n" + "".join(f"row {i},{'yes' if i % 2 else 'no'}\n" for i in range(6)))

@@ -12,10 +12,11 @@ from test_stream import write_stream
 from continual_rpt.bank import ROUTE_FILE, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.evaluation import predict_from_bank
-from continual_rpt.routing import FEATURIZATION_KEYS, Featurization, answer_as, task_free_answers
+from continual_rpt.routing import FEATURIZATION_KEYS, Featurization, route
 from continual_rpt.run import run_stream
 from continual_rpt.streams import load_data, load_stream
-from continual_rpt.tasks import Example, get_task
+from continual_rpt.task_free import answer_as, read_test_rows, task_free_answers
+from continual_rpt.tasks import Example, get_task, task_from_meta
 
 TASKS = {"CB": 40, "RTE": 80}  # different train.max_length: a run used to route at the largest, bank predict at 256
 
@@ -110,17 +111,24 @@ def test_a_misrouted_row_is_wrong_without_an_invented_prediction():
     assert copa.score([Example("COPA/val/0", (("p", "a"), ("p", "b")), "", ("a", "b"), 0)], [None])["accuracy"] == 0
 
 
-def test_a_t5_runs_task_free_answers_are_bank_predicts_on_its_test_rows(tmp_path, tiny_t5_dir, tiny_t5, superglue_dir):
-    # On T5 a task's source names the task and its candidates are its labels. Fails on main (checked): the run
-    # routed each test row as its home task reads it ("rte premise: ...", all 40 RTE rows kept home) where bank
-    # predict routes it as the first entry reading the row (CB) reads it (all 40 go to CB), and it answered a row
-    # routed away with the home task's reading (CB's prompt over RTE's source and two labels).
-    stream = load_stream(write_stream(tmp_path, tiny_t5_dir, superglue_dir, ["CB", "RTE"],
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory, tiny_t5_dir, superglue_dir):
+    """A finished CB, RTE run on the tiny T5 (40 test rows each), and its test sets."""
+    tmp = tmp_path_factory.mktemp("t5")
+    stream = load_stream(write_stream(tmp, tiny_t5_dir, superglue_dir, ["CB", "RTE"],
                                       data={"data_dir": str(superglue_dir), "max_train": 16, "max_eval": 40}))
-    run_stream(stream, tmp_path / "run", progress=False)
-    bank = PromptBank.open(tmp_path / "run" / "bank")
-    data = {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
-    with open(tmp_path / "run" / "routing_matrix.csv") as f:
+    run_stream(stream, tmp / "run", progress=False)
+    return tmp / "run", {spec.name: load_data(spec, stream.base_dir) for spec in stream.tasks}
+
+
+def test_a_t5_runs_task_free_answers_are_bank_predicts_on_its_test_rows(t5_run, tmp_path, tiny_t5, superglue_dir):
+    # On T5 a task's source names the task and its candidates are its labels. Fails on cab453c's parent (checked):
+    # the run routed each test row as its home task reads it ("rte premise: ...", all 40 RTE rows kept home) where
+    # bank predict routed it as the first entry reading the row (CB) reads it (all 40 went to CB), and it answered a
+    # row routed away with the home task's reading (CB's prompt over RTE's source and two labels).
+    out, data = t5_run
+    bank = PromptBank.open(out / "bank")
+    with open(out / "routing_matrix.csv") as f:
         final = [r for r in csv.DictReader(f) if r["after_task"] == "RTE"]
     predicted = {}
     for name, d in data.items():
@@ -134,12 +142,32 @@ def test_a_t5_runs_task_free_answers_are_bank_predicts_on_its_test_rows(tmp_path
         assert {r["routed_to"]: int(r["examples"]) for r in final if r["task"] == name} == \
             {other: sum(a["task"] == other for a in answers) for other in data}
         predictions = [a["index"] if a["task"] == name else answer_as(d.task, bank.get(a["task"]).meta, a["index"]) for a in answers]
-        assert d.task.score(d.test, predictions)["score"] == pytest.approx(task_free_final(tmp_path / "run", name), abs=5e-5)
+        assert d.task.score(d.test, predictions)["score"] == pytest.approx(task_free_final(out, name), abs=5e-5)
     # Row for row: the entry each test example went to and its answer there, as bank predict gives them.
     aware = {name: predict_from_bank(bank, name, d.test, tiny_t5) for name, d in data.items()}
     answered = task_free_answers(bank, list(data), data, tiny_t5, aware, {})
     for name in data:
         assert answered[name] == [(a["task"], a["index"]) for a in predicted[name]]
-    away = [i for i, a in enumerate(predicted["RTE"]) if a["task"] == "CB"]  # RTE rows routed to CB (read first by CB)
+    away = [i for i, a in enumerate(predicted["RTE"]) if a["task"] == "CB"]  # RTE rows routed to CB
     as_rte_reads_them = predict_from_bank(bank, "CB", [data["RTE"].test[i] for i in away], tiny_t5)
     assert away and [answered["RTE"][i][1] for i in away] != as_rte_reads_them  # CB answers its own reading of them
+
+
+def test_t5_rows_are_routed_by_each_entrys_own_reading_whatever_the_readers_order(t5_run, tiny_t5):
+    # A T5 task's reading writes the task into the source ("cb premise: ...", "rte premise: ...") and the route
+    # features hold the source's first tokens, so each reading looks like its own task's training inputs. Fails on
+    # the previous commit (checked), which compared every entry with the first reader's reading: with CB first all
+    # 28 CB and 40 RTE rows went to CB, with RTE first all went to RTE.
+    out, data = t5_run
+    bank = PromptBank.open(out / "bank")
+    tasks = {name: task_from_meta(bank.get(name).meta, bank.path / name) for name in data}
+    for name, d in data.items():
+        readings = read_test_rows(tasks, name, d)
+        read_as = {reader: [reading[reader] for reading in readings] for reader in data}  # both tasks read every row
+        routed = {tuple(order): route(bank, read_as[order[0]], tiny_t5, names=order, readings=read_as)
+                  for order in (["CB", "RTE"], ["RTE", "CB"])}
+        first, second = routed.values()
+        assert [r.task for r in first] == [r.task for r in second], name
+        assert [r.routing_score for r in first] == pytest.approx([r.routing_score for r in second], abs=1e-6)
+        home = sum(r.task == name for r in first)  # 20 of CB's 28 rows, 30 of RTE's 40
+        assert home > len(d.test) / 2, (name, home)

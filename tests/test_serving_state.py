@@ -9,6 +9,7 @@ import sys
 import threading
 
 import pytest
+from test_routing_featurization import t5_run  # noqa: F401 (a fixture: a finished CB, RTE run on the tiny T5)
 from test_stream import write_stream
 
 from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, Entry, PromptBank
@@ -237,3 +238,17 @@ def test_an_entry_whose_files_have_not_all_arrived_is_served_once_they_have(run,
     (tmp_path / "RTE").rename(tmp_path / "bank" / "RTE")
     assert synced.refresh() == ["RTE"] and synced.generation == 2
     assert synced.answer([synced.parse("RTE", rows["RTE"])]) == served.answer([served.parse("RTE", rows["RTE"])])
+
+
+def test_a_t5_bank_routes_each_row_by_each_entrys_own_reading_whatever_the_entries_order(t5_run, superglue_dir, tmp_path):
+    # A T5 task's reading writes the task into the source ("cb premise: ...", "rte premise: ..."). Checked to fail on
+    # the previous commit, which compared every entry with the first reader's reading: all rows went to the bank's first entry.
+    out, _ = t5_run
+    rows = [json.loads(line) for name in ("CB", "RTE") for line in (superglue_dir / name / "val.jsonl").read_text().splitlines()[:ROWS]]
+    cli = predict_cli(tmp_path, out / "bank", rows)
+    routed = {}
+    for order in (("CB", "RTE"), ("RTE", "CB")):
+        served = ServedBank(copy_bank(out / "bank", tmp_path / "-".join(order), order).path)
+        routed[order] = [(a.task, a.index) for a in served.answer([served.parse(None, rows, str(tmp_path / "val.jsonl"))])[0]]
+    assert routed["CB", "RTE"] == routed["RTE", "CB"] == [(c["task"], c["index"]) for c in cli]
+    assert {task for task, _ in routed["CB", "RTE"]} == {"CB", "RTE"}

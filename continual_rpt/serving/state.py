@@ -4,8 +4,8 @@ One backbone: `ServedBank` loads the frozen model once (the one the bank's entri
 pooling their heads read, as `crpt bank predict` picks it) and every entry of the bank beside it: an
 entry is its prompt (with any Progressive Prompts context), its head and its route state, a few
 kilobytes each. Rows of different tasks then share one forward pass (`evaluation.mixed_option_scores`:
-each row with its own P′ and head), and rows without a task are routed first, with one featurization
-of all of them per distinct route featurization (`routing.Featurization`).
+each row with its own P′ and head), and rows without a task are routed first, each entry compared with
+the row as it reads it (`routing.route_readings`: each distinct reading featurized once per route featurization).
 
 Snapshot swap: the loaded entries form an immutable `Snapshot`. `refresh` builds the next one beside
 it (only entries new to bank.json are loaded, and an entry that `crpt bank index-routes` gave route
@@ -42,7 +42,7 @@ from torch import Tensor
 from continual_rpt.backbones import EMBEDDED, Backbone, load_backbone
 from continual_rpt.bank import INDEX_FILE, ROUTE_FILE, BankError, Entry, PromptBank
 from continual_rpt.evaluation import Answerer, load_answerer, mixed_option_scores
-from continual_rpt.routing import ROUTERS, Featurization, answerable, confidence, route_features, shared_precision
+from continual_rpt.routing import ROUTERS, Contender, Featurization, answerable, confidence, route_readings, shared_precision
 from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.rows import Item, Parsed, RowError, read_for_routing, read_row
 from continual_rpt.tasks import Example, Task
@@ -243,22 +243,13 @@ class ServedBank:
         return [name for name, ok in zip(names, allowed.tolist()) if ok]
 
     def _route(self, snapshot: Snapshot, items: list[Item], routed: list[int]) -> dict[int, tuple[str, float]]:
-        """Entry and routing score of every routed item: its features computed once per featurization, compared per set of readers."""
-        examples = [items[n].example() for n in routed]  # as `crpt bank predict` routes: read by the first entry reading it
-        wanted = {snapshot.entries[name].featurization for n in routed for name in items[n].reading}
-        features = {f: f.features(self.backbone, examples, self.path, self.batch_size) for f in wanted}
-        groups: dict[tuple[str, ...], list[int]] = {}  # the entries reading a row -> its items' positions in `routed`
-        for position, n in enumerate(routed):
-            groups.setdefault(tuple(items[n].reading), []).append(position)
-        out = {}
-        for readers, positions in groups.items():
-            entries = [snapshot.entries[name] for name in readers]
-            views = [features[e.featurization][positions] for e in entries]
-            allowed = answerable([e.task.kind for e in entries], [examples[p] for p in positions])
-            precision = snapshot.precision(readers) if self.router == "mahalanobis" else None
-            indices, scores = route_features(views, [e.route for e in entries], self.router, allowed, precision)
-            out.update({routed[p]: (readers[t], score) for p, t, score in zip(positions, indices, scores)})
-        return out
+        """Entry and routing score of every routed item, as `crpt bank predict` routes it: among the entries reading its
+        row, each compared with the row as it reads it (`routing.route_readings`)."""
+        readings = [{name: items[n].example(name) for name in items[n].reading} for n in routed]
+        contenders = {name: Contender(served.featurization, served.route, served.task.kind)
+                      for name, served in snapshot.entries.items() if any(name in reading for reading in readings)}
+        chosen = route_readings(self.backbone, readings, contenders, self.router, self.path, self.batch_size, snapshot.precision)
+        return dict(zip(routed, chosen))
 
     def _score(self, snapshot: Snapshot, jobs: list[tuple[str, Example]]) -> list[Tensor]:
         """Every (entry, example)'s option scores: one mixed-task forward per precision (entries trained in bf16, in fp32)."""
