@@ -304,6 +304,7 @@ def route_readings(backbone: Backbone, readings: Sequence[Mapping[str, Example]]
             out[i] = (readers[t], score)
     return out
 
+
 @dataclass
 class Routed:
     """One example routed: the entry chosen, the router's score for it (`route_features`; the confidence router's is

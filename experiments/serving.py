@@ -11,8 +11,8 @@ requests of one task each, the tasks taking turns (an equal share of rows per ta
     servers      a server in its own process, driven by an httpx.AsyncClient at concurrency 1, 8, 32
                  with requests of 1 row and of 8: `crpt serve --forward-batch 64` (mixed-task batches, one forward each);
                  its app answering each task of a collected batch in a forward of its own (per-task
-                 batching); its app cutting each collected batch into length-sorted mixed forwards of
-                 8 rows (ServedBank's batch_size; crpt serve's default since); and `crpt serve --max-batch 1` at concurrency 1
+                 batching); `crpt serve` as it comes, which cuts each collected batch into length-sorted mixed
+                 forwards of 8 rows (its --forward-batch default); and `crpt serve --max-batch 1` at concurrency 1
     load         N requests to `crpt serve` at concurrency 32, 10% malformed (unknown task, missing
                  fields, broken JSON, too many rows, rows not a list), a quarter of the good ones
                  routed (task null): every status counted, every answer compared with `crpt bank
@@ -60,14 +60,17 @@ import continual_rpt  # noqa: E402
 from continual_rpt.backbones.base import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
 from continual_rpt.cli import main as crpt  # noqa: E402
 from continual_rpt.evaluation import length_batches, load_answerer, mixed_option_scores  # noqa: E402
+from continual_rpt.serving.limits import Limits  # noqa: E402
 
 BATCH, REPEATS = 64, 3
 CONCURRENCY, SIZES = (1, 8, 32), (1, 8)
 ROWS_PER_SETTING = {1: 160, 8: 320}  # rows sent per setting, requests of 1 row and of 8 (sized for a busy 2-core CPU)
 FORWARD_BATCH = 8  # the variant's forwards: a collected batch sorted by length and cut into forwards of this many rows
 # "mixed": one forward per collected batch, crpt serve's default when this was measured (now --forward-batch 8, the variant).
-SERVERS = {"mixed": {"options": ["--forward-batch", str(BATCH)]}, "per-task": {"variant": "per-task"}, f"mixed, forwards of {FORWARD_BATCH}": {"variant": str(FORWARD_BATCH)},
+SERVERS = {"mixed": {"options": ["--forward-batch", str(BATCH)]}, "per-task": {"variant": "per-task"},
+           f"mixed, forwards of {FORWARD_BATCH}": {"options": []},  # crpt serve as it comes: --forward-batch 8 is its default
            "one at a time": {"options": ["--max-batch", "1"]}}
+assert FORWARD_BATCH == Limits().forward_batch, "the 'forwards of 8' server is crpt serve's default"
 PEFT_ROWS_PER_TASK, HOT_ADDS, MAX_ROWS = 60, 5, 256  # MAX_ROWS: crpt serve's default --max-rows
 
 

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from continual_rpt.bank import PromptBank
 from continual_rpt.serving.app import create_app
+from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.state import ServedBank
 
 SEED = 0  # the load's choice of routed requests
@@ -245,9 +246,11 @@ def hot_add(source: Path, work: Path, row: dict, names: list[str], copies: int) 
 
 
 
-if __name__ == "__main__":  # python experiments/serving_http.py BANK PORT per-task|FORWARD_BATCH: crpt serve's app, on 127.0.0.1,
-    import uvicorn  # batching each task separately, or cutting each collected batch into length-sorted forwards of FORWARD_BATCH rows
+if __name__ == "__main__":  # python experiments/serving_http.py BANK PORT per-task: crpt serve's app on 127.0.0.1, batching each task
+    import uvicorn  # separately: each task's rows of a collected batch (at most max_batch) in one forward
 
     bank, port, variant = sys.argv[1:4]
-    served = PerTaskBank(bank) if variant == "per-task" else ServedBank(bank, batch_size=int(variant))
+    if variant != "per-task":
+        raise SystemExit(f"variant {variant!r}: the only variant is per-task (crpt serve itself runs the others)")
+    served = PerTaskBank(bank, batch_size=Limits().max_batch)
     uvicorn.run(create_app(served), host="127.0.0.1", port=int(port))  # uvicorn's logging, as crpt serve's

@@ -43,7 +43,7 @@ class TaskData:
     """The train/dev/test examples of one task, the sha256 of every file they came from, rows skipped per file, and
     the row each test example was parsed from.
 
-    `test_rows` lets another task read a test row as it would read it in a file (`routing.task_free_answers`: a
+    `test_rows` lets another task read a test row as it would read it in a file (`task_free.task_free_answers`: a
     run's task-free scores answer a routed row as `crpt bank predict` without a task does). It maps each test
     example to its row rather than keeping the raw text or re-reading the file by uid: the rows are the ones
     parsed already (the test half of the validation set only), an example finds its row however the test list
