@@ -244,10 +244,12 @@ def render(result: dict) -> str:
     lines += ["", "## Targets (issue 27)", "", "| target | measured | |", "|---|---|---|", *targets(result), ""]
     if "load" in result:
         load = result["load"]
+        sized = (f"{load['requests_asked']:,} asked; at the measured {1000 * load['seconds_per_request_measured']:.1f} ms a request "
+                 f"{'they fit' if load['requests'] >= load['requests_asked'] else 'the count was cut to fit'} "
+                 f"{load['seconds_allowed']:.0f} s on this machine")
         lines += ["## Malformed load", "",
-                  f"{load['requests']:,} single-row requests at concurrency 32 ({load['requests_asked']:,} asked; at the measured "
-                  f"{1000 * load['seconds_per_request_measured']:.1f} ms a request the count was cut to fit {load['seconds_allowed']:.0f} s "
-                  f"on this machine), {load['seconds']:.1f} s: statuses by kind {json.dumps(load['by_kind'])}. "
+                  f"{load['requests']:,} single-row requests at concurrency 32 ({sized}), {load['seconds']:.1f} s: "
+                  f"statuses by kind {json.dumps(load['by_kind'])}. "
                   f"Answers differing from `crpt bank predict` (task given, or routed): {load['answers_differing']}"
                   f"{': ' + json.dumps(load['differing']) if load['differing'] else ''}.", ""]
     if "hot_add" in result:
