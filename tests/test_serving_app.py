@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,10 +29,10 @@ import httpx
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving_state import flip_a_byte
+from test_serving_state import diverged, flip_a_byte
 from test_stream import write_stream
 
-from continual_rpt.bank import HEAD_FILE, PromptBank
+from continual_rpt.bank import HEAD_FILE, Entry, PromptBank
 from continual_rpt.cli import main
 from continual_rpt.run import run_stream
 from continual_rpt.serving.app import bank_loader, create_app
@@ -239,6 +240,36 @@ def test_a_bug_is_still_a_500_and_the_server_goes_on(bank, rows):
         assert client.post("/v1/predict", json={"task": "COPA", "rows": rows["COPA"][:1]}).status_code == 500
         assert client.post("/v1/predict", json={"task": "CB", "rows": rows["CB"][:1]}).status_code == 200
         assert metric(client, "crpt_predict_requests_total", task="COPA", status="500") == 1
+
+
+def test_an_entry_whose_scores_are_nan_fails_its_requests_and_the_rest_of_the_batch_is_answered(bank, served, rows, tmp_path, caplog):
+    # A broken tenant (CB: a finite prompt of huge values, NaN in the model) beside a healthy one (COPA) in one batch.
+    # Checked to fail on the previous commit: all four requests answered 500.
+    broken = PromptBank.open(tmp_path / "bank", create=True)
+    broken.add("COPA", Entry.from_pretrained(bank / "COPA"))
+    broken.add("CB", diverged(Entry.from_pretrained(bank / "CB")))
+    requests = [("CB", rows["CB"][:3]), ("COPA", rows["COPA"][:3]), (None, rows["COPA"][3:5]), ("CB", rows["CB"][3:4])]
+    app = create_app(ServedBank(tmp_path / "bank"), max_batch=64, max_wait_ms=1500)
+    with caplog.at_level(logging.ERROR, logger="continual_rpt.serving"), running(app) as url, \
+            httpx.Client(base_url=url, timeout=30) as client:
+        wait_ready(client)
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: client.post("/v1/predict", json={"task": r[0], "rows": r[1]}), requests))
+        assert [a.status_code for a in answers] == [500, 200, 200, 500]
+        assert metric(client, "crpt_batch_rows_count") == 1 and metric(client, "crpt_batch_requests_sum") == len(requests)
+        assert metric(client, "crpt_nan_scores_total", entry="CB") == 1  # one batch
+        assert metric(client, "crpt_predict_requests_total", task="CB", status="500") == 2
+        assert metric(client, "crpt_predict_requests_total", status="200") == 2
+    for failed in (answers[0], answers[3]):
+        problem = strict_json(failed)
+        assert "entry 'CB' are NaN" in problem["detail"] and problem["entries"] == ["CB"]
+    assert caplog.text.count("entry 'CB' scores NaN") == 1  # logged once for the batch
+    for (task, batch), answer in zip(requests[1:3], answers[1:3]):  # as the healthy bank answers them alone
+        alone = served.answer([served.parse(task, batch)])[0]
+        results = strict_json(answer)["results"]
+        assert [(r["task"], r["index"], r["prediction"]) for r in results] == [(a.task, a.index, a.prediction) for a in alone]
+        assert [s for r in results for s in r["scores"]] == pytest.approx([s for a in alone for s in a.scores], abs=1e-5)
+        assert [r["routing_score"] for r in results] == pytest.approx([a.routing_score for a in alone], abs=1e-5)
 
 
 def test_a_choice_row_beside_more_options_is_answered_with_its_own_scores_never_the_padding(served, rows):

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import pytest
+import torch
 from test_routing_featurization import t5_run  # noqa: F401 (a fixture: a finished CB, RTE run on the tiny T5)
 from test_stream import write_stream
 
@@ -16,7 +17,7 @@ from continual_rpt.bank import HEAD_FILE, PROMPT_FILE, ROUTE_FILE, Entry, Prompt
 from continual_rpt.cli import main
 from continual_rpt.evaluation import bank_option_scores
 from continual_rpt.run import run_stream
-from continual_rpt.serving.state import RowError, ServedBank, UnknownTask
+from continual_rpt.serving.state import EntryScoresNaN, RowError, ServedBank, UnknownTask
 from continual_rpt.streams import load_stream
 from continual_rpt.tasks import read_jsonl
 
@@ -252,3 +253,30 @@ def test_a_t5_bank_routes_each_row_by_each_entrys_own_reading_whatever_the_entri
         routed[order] = [(a.task, a.index) for a in served.answer([served.parse(None, rows, str(tmp_path / "val.jsonl"))])[0]]
     assert routed["CB", "RTE"] == routed["RTE", "CB"] == [(c["task"], c["index"]) for c in cli]
     assert {task for task, _ in routed["CB", "RTE"]} == {"CB", "RTE"}
+
+
+def diverged(entry: Entry) -> Entry:
+    """`entry` with a prompt of huge values: finite (the bank's writer stores it, its checksums pass), NaN once in the model."""
+    return Entry(torch.full_like(entry.prompt, 3e38), entry.head, entry.meta, entry.config, entry.metrics, entry.route)
+
+
+def test_an_entry_whose_scores_are_nan_fails_only_the_requests_it_answers(run, tmp_path):
+    # One tenant's broken entry must not take down the others sharing its batch. Checked to fail on the previous
+    # commit: the whole mixed batch raised NonFiniteScores.
+    source, rows = run
+    bank = copy_bank(source, tmp_path / "bank", ["RTE", "COPA"])
+    bank.add("CB", diverged(Entry.from_pretrained(source / "CB")))
+    served = ServedBank(tmp_path / "bank")
+    batch = [served.parse("RTE", rows["RTE"]), served.parse("CB", rows["CB"]), served.parse("COPA", rows["COPA"]),
+             served.parse(None, rows["COPA"][:3]), served.parse("CB", rows["CB"][:1])]
+    answers = served.answer(batch)  # 28 rows in forwards of 8, sorted by length: CB's rows share forwards with the others
+    for request in (1, 4):
+        assert isinstance(answers[request], EntryScoresNaN) and answers[request].entries == ["CB"]
+        assert "entry 'CB' are NaN" in str(answers[request]) and str(tmp_path / "bank") in str(answers[request])
+    for request in (0, 2, 3):
+        alone = served.answer([batch[request]])[0]
+        assert [(a.task, a.uid, a.index, a.routing_score) for a in answers[request]] == \
+            [(a.task, a.uid, a.index, a.routing_score) for a in alone]
+        assert all(a.scores == pytest.approx(b.scores, abs=1e-5) for a, b in zip(answers[request], alone))
+    assert [a.task for a in answers[3]] == ["COPA"] * 3
+    assert isinstance(served.answer([served.parse("CB", rows["CB"])])[0], EntryScoresNaN)  # alone too

@@ -22,7 +22,17 @@ memory), so the workers' report is needed either way.
 Requests are parsed in the event loop's thread pool, queued, and answered in mixed-task batches by
 `batcher.Batcher` (one forward at a time on the shared model). A background task looks at bank.json
 every `watch_interval_s` (`ServedBank.refresh`: a stat unless it changed) and starts answering with
-entries that land meanwhile. Bad input is a 4xx naming the field, row or limit; a 5xx is a bug.
+entries that land meanwhile. Bad input is a 4xx naming the field, row or limit; a 5xx is a bug, or a
+broken entry.
+
+A broken entry fails its own requests only: an entry whose prompt or head makes its scores NaN (one
+that diverged, or imported with extreme values, its checksums passed) costs its mixed forward one
+scoring again entry by entry (`state.ServedBank`), and only the requests needing that entry answer
+500 with a message naming it (and `entries`); the other requests of the batch, other tenants', are
+answered as they would be alone. 500, not 503: the fault is the server's own data and retrying
+changes nothing until the entry is replaced, while 503 tells clients and load balancers to retry or
+take the worker out (every worker holds the same entry). Each such batch is logged once per entry
+and counted in `crpt_nan_scores_total{entry}`.
 
 Non-finite floats: the only floats a response carries are `Result.scores` and `routing_score`. The
 -inf that marks a choice an example lacks in a mixed batch (`evaluation.mixed_option_scores`: a COPA
@@ -58,7 +68,7 @@ from continual_rpt.serving.batcher import Batcher
 from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.metrics import CLIENT_CLOSED, INVALID, ROUTED, ServingMetrics
 from continual_rpt.serving.middleware import OUTCOME, ServingMiddleware
-from continual_rpt.serving.state import RowError, ServedBank, UnknownTask
+from continual_rpt.serving.state import EntryScoresNaN, RowError, ServedBank, UnknownTask
 
 log = logging.getLogger(__name__)
 OPTIONS_ENV = "CRPT_SERVE_OPTIONS"  # JSON: how `crpt serve` hands its options to uvicorn's worker processes
@@ -151,8 +161,14 @@ class Service:
         self.batcher = Batcher(self.answer, limits.max_batch, limits.max_wait_ms, self.metrics)
 
     def answer(self, batch: list) -> list:
-        """Answer a batch (in the batcher's model thread)."""
-        return self.served.answer(batch)
+        """Answer a batch (in the batcher's model thread); an entry whose scores are NaN is logged and counted once."""
+        answers = self.served.answer(batch)
+        failed = Counter(name for answer in answers if isinstance(answer, EntryScoresNaN) for name in answer.entries)
+        for name, requests in failed.items():
+            log.error("%s: entry %r scores NaN (its prompt or head is broken): the %d of this batch's %d requests needing it "
+                      "fail with 500, the others are answered", self.served.path, name, requests, len(answers))
+            self.metrics.nan_scores.labels(name).inc()
+        return answers
 
     def ready(self) -> bool:
         """Whether requests can be answered: the backbone and an entry loaded (an empty bank waits for its first)."""
@@ -211,10 +227,15 @@ def create_app(served: ServedBank, max_batch: int = Limits.max_batch, max_wait_m
     async def unknown_task(request: Request, err: UnknownTask) -> JSONResponse:
         return problem(404, str(err), tasks=list(service.served.snapshot.entries))
 
+    @app.exception_handler(EntryScoresNaN)
+    async def entry_scores_nan(request: Request, err: EntryScoresNaN) -> JSONResponse:
+        return problem(500, str(err), entries=err.entries)
+
     @app.post("/v1/predict", response_model=PredictResponse, responses={
         400: {"model": Problem, "description": "the body is not JSON"}, 404: {"model": Problem, "description": "unknown task"},
         413: {"model": Problem, "description": "too many rows or bytes"},
-        422: {"model": Problem, "description": "a row or field that cannot be read (named)"}, **unready})
+        422: {"model": Problem, "description": "a row or field that cannot be read (named)"},
+        500: {"model": Problem, "description": "an entry the rows need scores NaN (named, also as `entries`)"}, **unready})
     async def predict(body: PredictRequest, request: Request):
         """Answer every row: with the given task's entry, or (task null) with the entry each row is routed to."""
         if not service.ready():

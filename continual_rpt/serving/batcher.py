@@ -3,8 +3,10 @@
 One loop takes the first waiting request, keeps collecting until the batch holds `max_batch` rows or
 `max_wait_ms` has passed since that first request, and runs `answer` on the whole batch in a single
 worker thread: the model is shared, so forwards run one at a time, while the event loop keeps
-reading and queueing the next requests. A request is never split across batches (it may exceed
-`max_batch` alone); one that would overflow the batch being collected opens the next.
+reading and queueing the next requests. `answer` gives each request its answers or the exception
+that request alone fails with (the others of its batch are answered). A request is never split
+across batches (it may exceed `max_batch` alone); one that would overflow the batch being collected
+opens the next.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Pending:
 
 
 class Batcher:
-    """Merges queued requests into batches and answers each batch with `answer(list of parsed) -> list of answers`."""
+    """Merges queued requests into batches and answers each with `answer(list of parsed) -> list of answers or exceptions`."""
 
     def __init__(self, answer: Callable[[list], list], max_batch: int, max_wait_ms: float, metrics: ServingMetrics):
         self.answer = answer
@@ -72,7 +74,7 @@ class Batcher:
         return batch, None
 
     async def answer_batch(self, batch: list[Pending]) -> None:
-        """Answer the requests of `batch` still waiting, in one forward; each gets its own answers (or the error)."""
+        """Answer the requests of `batch` still waiting, together; each gets its own answers (or its error, or the batch's)."""
         live = [p for p in batch if not p.future.done()]  # a client that went away no longer costs a forward
         if not live:
             return
@@ -88,7 +90,11 @@ class Batcher:
                     pending.future.set_exception(err)
             return
         for pending, answer in zip(live, answers):
-            if not pending.future.done():  # cancelled meanwhile: its client disconnected, the result is dropped
+            if pending.future.done():  # cancelled meanwhile: its client disconnected, the result is dropped
+                continue
+            if isinstance(answer, Exception):  # this request's own failure (an entry it needs scores NaN)
+                pending.future.set_exception(answer)
+            else:
                 pending.future.set_result(answer)
 
     def close(self) -> None:

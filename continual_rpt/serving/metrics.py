@@ -7,6 +7,7 @@ Requests and rows are labelled by `task` and `status` (the HTTP status code). `t
 named by the request, `(routed)` for a request naming none (its rows then count under the entry
 each was routed to) and `(invalid)` for one that could not be read or named no entry of the bank:
 client-chosen strings never become label values, so a client cannot grow the metrics without bound.
+`entry` of `crpt_nan_scores` is an entry of the bank, too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class ServingMetrics:
                                     buckets=SECOND_BUCKETS, registry=self.registry)
         self.latency = Histogram("crpt_request_latency_seconds", "POST /v1/predict latency, body read to answer ready",
                                  ["status"], buckets=SECOND_BUCKETS, registry=self.registry)
+        self.nan_scores = Counter("crpt_nan_scores", "batches in which an entry's scores were NaN (the requests it answered "
+                                  "failed with 500, the others of the batch were answered), by entry", ["entry"], registry=self.registry)
         self.entries = Gauge("crpt_bank_entries", "entries of the bank being served", registry=self.registry)
         self.generation = Gauge("crpt_bank_generation", "changes to the bank seen since the server started",
                                 registry=self.registry)

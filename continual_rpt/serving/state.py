@@ -24,6 +24,10 @@ row with a task; routed, its input fields alone, the entry chosen answering its 
 the same functions over each entry's stored state (the Mahalanobis router's shared precision kept per
 snapshot), and scored with each entry's inputs cut to the length, and in the precision (bf16 or fp32),
 it was trained with: a batch holding both precisions is one forward per precision.
+
+A broken entry fails its own requests only: where a mixed forward's scores hold NaN (NonFiniteScores: an
+entry whose prompt or head has diverged, its checksums passed), that forward's rows are scored again entry
+by entry; the requests needing an entry whose scores are NaN get `EntryScoresNaN` naming it, the others their answers.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch import Tensor
 
 from continual_rpt.backbones import EMBEDDED, Backbone, load_backbone
 from continual_rpt.bank import INDEX_FILE, ROUTE_FILE, BankError, Entry, PromptBank
-from continual_rpt.evaluation import Answerer, load_answerer, mixed_option_scores
+from continual_rpt.evaluation import Answerer, NonFiniteScores, length_batches, load_answerer, mixed_option_scores
 from continual_rpt.routing import ROUTERS, Contender, Featurization, answerable, confidence, route_readings, shared_precision
 from continual_rpt.serving.limits import Limits
 from continual_rpt.serving.rows import Item, Parsed, RowError, read_for_routing, read_row
@@ -54,6 +58,15 @@ _PROBE = Example("probe", (("probe", None),), "probe", ("yes", "no"), -1)  # fea
 
 class UnknownTask(LookupError):
     """A task the bank does not serve; the message names the ones it does."""
+
+
+class EntryScoresNaN(RuntimeError):
+    """A request needing entries whose scores are NaN (a broken prompt or head): the server's fault, not the request's."""
+
+    def __init__(self, bank: Path, entries: list[str]) -> None:
+        self.entries = entries
+        super().__init__(f"{bank}: the scores of entry {', '.join(map(repr, entries))} are NaN (its prompt or head holds values "
+                         "the model cannot compute with); the bank's other entries answer as before; replace the entry")
 
 
 @dataclass(frozen=True)
@@ -203,8 +216,8 @@ class ServedBank:
                 readings.append(read_for_routing(routed, row, i, where))
         return Parsed(task, tuple(rows), tuple(MappingProxyType(r) for r in readings), snapshot.generation, origin)
 
-    def answer(self, batch: Sequence[Parsed]) -> list[list[Answer]]:
-        """Answer every request of `batch` in one mixed-task forward (rows without a task routed first); answers per request, in order."""
+    def answer(self, batch: Sequence[Parsed]) -> list[list[Answer] | EntryScoresNaN]:
+        """Answer `batch` in mixed-task forwards (rows without a task routed first): per request, its answers or EntryScoresNaN."""
         snapshot = self._snapshot  # one snapshot for the whole batch, whatever refresh does meanwhile
         batch = [p if p.task is not None or p.generation == snapshot.generation else self._parse(snapshot, None, p.rows, p.origin)
                  for p in batch]  # entries landed since the rows were read: offer the routed rows to them too
@@ -221,15 +234,22 @@ class ServedBank:
                 jobs = [(n, owner[n][0]) for n in range(len(items))]
             scores = self._score(snapshot, [(name, items[n].example(name)) for n, name in jobs])
         chosen: dict[int, tuple[float, str, Tensor]] = {}
+        failed: dict[int, list[str]] = {}  # request -> the entries it needs whose scores are NaN
         for (n, name), s in zip(jobs, scores):
+            if s is None:
+                failed.setdefault(items[n].request, []).append(name)
+                continue
             if owner[n][0] is not None:
                 chosen[n] = (0.0, name, s)
                 continue
             sure = confidence(s, float(snapshot.entries[name].route["temperature"]))
             if n not in chosen or sure > chosen[n][0]:  # ties go to the entry added first, as routing.route breaks them
                 chosen[n] = (sure, name, s)
-        out: list[list[Answer]] = [[] for _ in batch]
+        out: list[list[Answer] | EntryScoresNaN] = [EntryScoresNaN(self.path, list(dict.fromkeys(failed[r]))) if r in failed else []
+                                                    for r in range(len(batch))]
         for n, item in enumerate(items):
+            if item.request in failed:
+                continue
             sure, name, s = chosen[n]
             routing_score = owner[n][1] if owner[n][0] is not None else sure
             out[item.request].append(self._answer(snapshot.entries[name], item.example(name), s, routing_score, item.row))
@@ -251,8 +271,8 @@ class ServedBank:
         chosen = route_readings(self.backbone, readings, contenders, self.router, self.path, self.batch_size, snapshot.precision)
         return dict(zip(routed, chosen))
 
-    def _score(self, snapshot: Snapshot, jobs: list[tuple[str, Example]]) -> list[Tensor]:
-        """Every (entry, example)'s option scores: one mixed-task forward per precision (entries trained in bf16, in fp32)."""
+    def _score(self, snapshot: Snapshot, jobs: list[tuple[str, Example]]) -> list[Tensor | None]:
+        """Every (entry, example)'s option scores (None where its entry's are NaN): mixed-task forwards per precision."""
         out: list[Tensor | None] = [None] * len(jobs)
         for bf16 in (True, False):
             mine = [j for j, (name, _) in enumerate(jobs) if snapshot.entries[name].bf16 == bf16]
@@ -267,9 +287,24 @@ class ServedBank:
                     features[p] = f
             answerers = [snapshot.entries[name].answerer for name in names]
             owners = [names.index(jobs[j][0]) for j in mine]
-            for j, s in zip(mine, mixed_option_scores(self.backbone, answerers, owners, features, self.batch_size, bf16)):
-                out[j] = s
+            for forward in length_batches(features, self.batch_size):  # each scored on its own: a NaN costs one forward again
+                for p, s in zip(forward, self._forward(answerers, [owners[p] for p in forward], [features[p] for p in forward], bf16)):
+                    out[mine[p]] = s
         return out
+
+    def _forward(self, answerers: list[Answerer], owners: list[int], features: list, bf16: bool) -> list[Tensor | None]:
+        """One mixed-task forward's scores; where any is NaN, its rows scored again entry by entry, None for an entry's that are NaN."""
+        try:
+            return mixed_option_scores(self.backbone, answerers, owners, features, len(features), bf16)
+        except NonFiniteScores:
+            if len(set(owners)) == 1:
+                return [None] * len(features)
+            out: list[Tensor | None] = [None] * len(features)
+            for owner in dict.fromkeys(owners):
+                rows = [i for i, o in enumerate(owners) if o == owner]
+                for i, s in zip(rows, self._forward([answerers[owner]], [0] * len(rows), [features[i] for i in rows], bf16)):
+                    out[i] = s
+            return out
 
     @staticmethod
     def _answer(served: Served, example: Example, scores: Tensor, routing_score: float | None, row: int) -> Answer:
