@@ -57,9 +57,10 @@ def task_free_answers(bank: PromptBank, names: list[str], data: dict, backbone: 
                                                          keys=[(name, i) for i in range(len(readings))])]
         answers = list(aware[name])
         for other in names:
-            mine = [i for i, n in enumerate(routed) if n == other and other != name]
-            for i, answer in zip(mine, predict_from_bank(bank, other, [readings[i][other] for i in mine], backbone) if mine else []):
-                answers[i] = answer
+            away = [i for i, n in enumerate(routed) if n == other != name]  # routed home: the task-aware answer stands
+            if away:
+                for i, answer in zip(away, predict_from_bank(bank, other, [readings[i][other] for i in away], backbone)):
+                    answers[i] = answer
         out[name] = list(zip(routed, answers))
     return out
 
